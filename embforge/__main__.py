@@ -1,0 +1,3 @@
+from embforge.cli import main
+import sys
+sys.exit(main())
