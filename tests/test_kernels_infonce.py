@@ -258,3 +258,25 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         infonce_loss(torch.randn(2, 4), torch.randn(2, 4), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("B,K_neg,H,tau", [(37, 3, 384, 0.01), (130, 7, 96, 0.02), (300, 1, 4096, 0.02),
+                                           (1, 0, 16, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_triton_matches_reference(B, K_neg, H, tau, dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, d = make(B, K_neg, H, dtype, seed=5)
+    q, d = q.cuda(), d.cuda()
+    qk, dk = q.clone().requires_grad_(), d.clone().requires_grad_()
+    loss = infonce_loss(qk, dk, tau, chunk_size=64)   # auto -> triton on CUDA
+    loss.backward()
+    q64, d64 = q.double().cpu().requires_grad_(), d.double().cpu().requires_grad_()
+    ref = reference(q64, d64, tau, torch.arange(B) * (1 + K_neg))
+    ref.backward()
+    lt, gt = TOL[dtype]
+    assert abs(float(loss.detach()) - float(ref)) <= 1e-4 * max(1.0, abs(float(ref)))
+    natural = 1.0 / (B * tau * H ** 0.5)
+    assert_close_rel(qk.grad.cpu(), q64.grad, gt, "dq", natural)
+    assert_close_rel(dk.grad.cpu(), d64.grad, gt, "dd", natural)

@@ -18,33 +18,37 @@ def _score_block(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
 
 
 class RunningTopK:
-    """Keeps the k best (score, global doc index) per query across document chunks."""
+    """Keeps the k best (score, global doc index) per query across document chunks.
+
+    Buffers are exactly min(k, documents seen) wide, so a corpus smaller than k never yields padding entries.
+    """
 
     def __init__(self, n_queries: int, k: int, device: torch.device | str = "cpu"):
         self.k = k
-        self.scores = torch.full((n_queries, 0), float("-inf"), device=device)
-        self.indices = torch.zeros((n_queries, 0), dtype=torch.long, device=device)
+        self.seen = 0
+        self.scores = torch.empty((n_queries, 0), device=device)
+        self.indices = torch.empty((n_queries, 0), dtype=torch.long, device=device)
+        self._next: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, row_slice: slice, block_scores: torch.Tensor, offset: int) -> None:
-        """Merge `block_scores` (rows = queries in `row_slice`, cols = docs offset..offset+n) into the buffer."""
-        n = block_scores.shape[1]
-        idx = torch.arange(offset, offset + n, device=block_scores.device).expand_as(block_scores)
-        if self.scores.shape[1] == 0:  # first chunk: buffers take their width from it
-            cur_s = torch.empty((block_scores.shape[0], 0), device=block_scores.device)
-            cur_i = torch.empty((block_scores.shape[0], 0), dtype=torch.long, device=block_scores.device)
-        else:
-            cur_s, cur_i = self.scores[row_slice], self.indices[row_slice]
-        cand_s = torch.cat([cur_s, block_scores.float()], dim=1)
-        cand_i = torch.cat([cur_i, idx], dim=1)
-        keep = min(self.k, cand_s.shape[1])
-        top_s, pos = cand_s.topk(keep, dim=1)
-        top_i = cand_i.gather(1, pos)
-        if self.scores.shape[1] < keep:  # widen buffers while the corpus seen so far is smaller than k
-            pad = keep - self.scores.shape[1]
-            self.scores = torch.cat([self.scores, self.scores.new_full((self.scores.shape[0], pad), float("-inf"))], 1)
-            self.indices = torch.cat([self.indices, self.indices.new_full((self.indices.shape[0], pad), -1)], 1)
-        self.scores[row_slice, :keep] = top_s
-        self.indices[row_slice, :keep] = top_i
+    def begin_chunk(self, n_docs: int) -> None:
+        width = min(self.k, self.seen + n_docs)
+        n_q = self.scores.shape[0]
+        self._next = (self.scores.new_empty((n_q, width)), self.indices.new_empty((n_q, width)))
+
+    def update(self, rows: slice, block_scores: torch.Tensor) -> None:
+        """Merge scores of queries `rows` against the current chunk (whose first doc is index `self.seen`)."""
+        new_s, new_i = self._next
+        idx = torch.arange(self.seen, self.seen + block_scores.shape[1], device=block_scores.device)
+        cand_s = torch.cat([self.scores[rows], block_scores.float()], dim=1)
+        cand_i = torch.cat([self.indices[rows], idx.expand_as(block_scores)], dim=1)
+        top_s, pos = cand_s.topk(new_s.shape[1], dim=1)
+        new_s[rows] = top_s
+        new_i[rows] = cand_i.gather(1, pos)
+
+    def end_chunk(self, n_docs: int) -> None:
+        self.scores, self.indices = self._next
+        self._next = None
+        self.seen += n_docs
 
 
 def search_chunks(query_emb: torch.Tensor, doc_chunks: Iterable[torch.Tensor], k: int, *,
@@ -58,16 +62,18 @@ def search_chunks(query_emb: torch.Tensor, doc_chunks: Iterable[torch.Tensor], k
         raise ValueError(f"k must be >= 1, got {k}")
     n_q = query_emb.shape[0]
     top = RunningTopK(n_q, k, device=query_emb.device)
-    offset = 0
     for chunk in doc_chunks:
         chunk = chunk.to(query_emb.device, query_emb.dtype)
         if chunk.shape[-1] != query_emb.shape[-1]:
             raise ValueError(f"document dim {chunk.shape[-1]} != query dim {query_emb.shape[-1]}")
+        if chunk.shape[0] == 0:
+            continue
+        top.begin_chunk(chunk.shape[0])
         for start in range(0, n_q, query_block):
             rows = slice(start, min(start + query_block, n_q))
-            top.update(rows, _score_block(query_emb[rows], chunk), offset)
-        offset += chunk.shape[0]
-    if offset == 0:
+            top.update(rows, _score_block(query_emb[rows], chunk))
+        top.end_chunk(chunk.shape[0])
+    if top.seen == 0:
         raise ValueError("empty corpus: no document embeddings were given")
     return top.scores, top.indices
 

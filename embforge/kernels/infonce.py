@@ -173,6 +173,58 @@ def _rows_torch(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scale
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Gradient through the L2 normalization, fused: out_r = alpha_r * (y_r - beta_r * x_r), written in x's dtype.
+#   dq: y = g (fp32), alpha = 1/|q|, beta = (sum_j G_ij s_ij)/|q|           (beta given)
+#   dd: y = h',       alpha = 1,     beta = (d.h')/|d|^2                       (beta computed from the row dot)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _project_rows_kernel(Y_ptr, X_ptr, OUT_ptr, r_ptr, c_ptr, H, stride_y, stride_x, stride_o,
+                         HAS_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    r = tl.load(r_ptr + row)
+    if HAS_C:
+        alpha = r
+        beta = tl.load(c_ptr + row) * r
+    else:
+        dot = tl.zeros([BLOCK_H], tl.float32)
+        for start in range(0, H, BLOCK_H):
+            cols = start + offs
+            m = cols < H
+            y = tl.load(Y_ptr + row * stride_y + cols, mask=m, other=0.0)
+            x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            dot += x * y
+        alpha = 1.0
+        beta = tl.sum(dot, axis=0) * r * r
+    for start in range(0, H, BLOCK_H):
+        cols = start + offs
+        m = cols < H
+        y = tl.load(Y_ptr + row * stride_y + cols, mask=m, other=0.0)
+        x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT_ptr + row * stride_o + cols, (alpha * (y - beta * x)).to(OUT_ptr.dtype.element_ty), mask=m)
+
+
+def _project_triton(y, x, r, c):
+    if y.dtype == torch.float64:
+        return _project_torch(y, x, r, c)
+    R, H = y.shape
+    out = _empty(R, H, device=y.device, dtype=x.dtype)
+    block_h = min(4096, triton.next_power_of_2(H))
+    _project_rows_kernel[(R,)](y, x, out, r, c if c is not None else r, H, y.stride(0), x.stride(0),
+                               out.stride(0), HAS_C=c is not None, BLOCK_H=block_h,
+                               num_warps=8 if block_h >= 2048 else 4)
+    return out
+
+
+def _project_torch(y, x, r, c):
+    xf = x.to(y.dtype)
+    if c is not None:
+        return ((y - (c * r)[:, None] * xf) * r[:, None]).to(x.dtype)
+    beta = (xf * y).sum(1) * r * r
+    return (y - beta[:, None] * xf).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Chunked driver shared by both backends.
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
@@ -216,20 +268,38 @@ def choose_chunk_rows(n_candidates: int, memory_budget_mb: float | None, n_queri
     return max(1, min(rows, n_queries))
 
 
-def _infonce_chunked(q, d, inv_tau: float, m: _Masking, chunk_rows: int, epilogue, want_grad: bool,
+def _accumulate_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool):
+    """acc (+)= a @ b with fp32 accumulation; on CUDA one GEMM with beta=1 (no temporary, no extra pass)."""
+    if first:
+        if a.dtype in (torch.float32, torch.float64):
+            torch.mm(a, b, out=acc)
+        else:
+            acc.copy_(_mm_f32(a, b))
+        return
+    if a.dtype in (torch.float32, torch.float64):
+        acc.addmm_(a, b)
+        return
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        acc += _mm_f32(a, b)
+
+
+def _infonce_chunked(q, d, inv_tau: float, m: _Masking, chunk_rows: int, impl, want_grad: bool,
                      eps: float):
-    """Loss (fp32 scalar), and when want_grad: dL/dq, dL/dd (fp32) and sum_ij G_ij s_ij (for dL/dtau)."""
+    """Loss, and when want_grad: dL/dq, dL/dd (in the inputs' dtypes) and sum_ij G_ij s_ij (for dL/dtau)."""
+    epilogue, project = impl
     B, N = q.shape[0], d.shape[0]
     mm_dtype, acc = _matmul_dtype(q), _acc_dtype(q)
     qm, dm = q.to(mm_dtype), d.to(mm_dtype)
-    # Inverse norms in fp32 from the raw inputs.
-    rq = torch.linalg.vector_norm(q.to(acc), dim=1).clamp_min_(eps).reciprocal_()
-    rd = torch.linalg.vector_norm(d.to(acc), dim=1).clamp_min_(eps).reciprocal_()
+    # Inverse norms from the raw inputs, accumulated in fp32 (no fp32 copy of q or d).
+    rq = torch.linalg.vector_norm(q, dim=1, dtype=acc).clamp_min_(eps).reciprocal_()
+    rd = torch.linalg.vector_norm(d, dim=1, dtype=acc).clamp_min_(eps).reciprocal_()
     grad_scale = inv_tau / B
     loss = torch.zeros((), device=q.device, dtype=acc)
     if want_grad:
         g = _empty(B, q.shape[1], device=q.device, dtype=acc)
-        h = torch.zeros(N, d.shape[1], device=q.device, dtype=acc)
+        h = _empty(N, d.shape[1], device=q.device, dtype=acc)
         rowdot_all = _empty(B, device=q.device, dtype=acc)
         G_buf = _empty(min(chunk_rows, B), N, device=q.device, dtype=mm_dtype)
     dmT = dm.t()
@@ -246,38 +316,37 @@ def _infonce_chunked(q, d, inv_tau: float, m: _Masking, chunk_rows: int, epilogu
         del S
         if want_grad:
             g[sl] = _mm_f32(G, dm)
-            u_c = (q[sl].to(acc) * rq[sl, None]).to(mm_dtype)
-            h += _mm_f32(G.t(), u_c)
+            u_c = (qm[sl] * rq[sl, None]).to(mm_dtype)
+            _accumulate_f32_(h, G.t(), u_c, first=start == 0)
             rowdot_all[sl] = rowdot
     loss = loss / B
     if not want_grad:
         return loss, None, None, None
-    # Project out the radial component (gradient through the L2 normalization).
-    dq = (g - rowdot_all[:, None] * (q.to(acc) * rq[:, None])) * rq[:, None]
-    v = d.to(acc) * rd[:, None]
-    dd = h - (v * h).sum(1, keepdim=True) * v
+    dq = project(g, q, rq, rowdot_all)
+    del g
+    dd = project(h, d, rd, None)
     return loss, dq, dd, rowdot_all.sum()
 
 
 class _InfoNCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, d, temperature, masking, chunk_rows, epilogue, eps):
+    def forward(ctx, q, d, temperature, masking, chunk_rows, impl, eps):
         tau = float(temperature)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        loss, dq, dd, gs = _infonce_chunked(q, d, 1.0 / tau, masking, chunk_rows, epilogue, want_grad, eps)
+        loss, dq, dd, gs = _infonce_chunked(q, d, 1.0 / tau, masking, chunk_rows, impl, want_grad, eps)
         if want_grad:
             # dL/dtau = -(1/tau) sum_ij G_ij s_ij
             dtau = (-gs / tau).reshape(())
             ctx.save_for_backward(dq, dd, dtau)
-        ctx.dtypes = (q.dtype, d.dtype)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         dq, dd, dtau = ctx.saved_tensors
-        gq = (dq * grad_out).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        gd = (dd * grad_out).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        # dq, dd are already in the inputs' dtypes
+        gq = dq * grad_out.to(dq.dtype) if ctx.needs_input_grad[0] else None
+        gd = dd * grad_out.to(dd.dtype) if ctx.needs_input_grad[1] else None
         gt = (dtau * grad_out) if ctx.needs_input_grad[2] else None
         return gq, gd, gt, None, None, None, None
 
@@ -348,7 +417,7 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, s
     masking = _Masking(pos, pos_id, q_id, cid, self_col)
     n_all = candidates.shape[0]
     rows = chunk_size if chunk_size else choose_chunk_rows(n_all, memory_budget_mb, B)
-    epilogue = _rows_triton if backend == "triton" else _rows_torch
+    impl = (_rows_triton, _project_triton) if backend == "triton" else (_rows_torch, _project_torch)
     if isinstance(temperature, torch.Tensor):
         tau_t = temperature
         tau_val = float(temperature.detach())
@@ -359,7 +428,7 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, s
         raise ValueError(f"infonce_loss: temperature must be a positive finite number, got {tau_val}")
     # With same_tower, q reaches the loss both as queries and (through the cat) as candidates; autograd sums
     # the two gradients.
-    return _InfoNCEFunction.apply(q, candidates, tau_t, masking, rows, epilogue, eps)
+    return _InfoNCEFunction.apply(q, candidates, tau_t, masking, rows, impl, eps)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -1,0 +1,176 @@
+"""`embforge eval {retrieval,sts,passkey,mteb}`: offline evaluation; every run writes JSON result records."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = {
+    "retrieval": "nDCG@10, MRR@10, Recall@10/100, MAP on a BEIR folder (or the built-in chatterbot set)",
+    "sts": "Spearman/Pearson of cosine similarity on STS pairs (.jsonl or .tsv)",
+    "passkey": "E5 personalised passkey retrieval, top-1 accuracy per context length",
+    "mteb": "run a local BEIR folder through mteb.evaluate with the embforge encoder adapter",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="embforge checkpoint or sentence-transformers folder ('minilm' = bundled all-MiniLM-L6-v2)")
+    p.add_argument("--out", type=Path, help="write result records (JSON list) here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--instruction", default=None, help="query instruction (E5 template applied to queries only)")
+    p.add_argument("--task", default=None, help="take the instruction from the E5 table for this MTEB task name")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate an embedder (retrieval, STS, passkey, mteb)",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="eval_command", metavar="<evaluation>")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    r = sub.add_parser("retrieval", help=HELP["retrieval"])
+    _common(r)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or 'chatterbot'")
+    src.add_argument("--synthetic", type=Path, help="synthetic JSONL: evaluate on its deterministic held-out slice")
+    r.add_argument("--heldout-fraction", type=float, default=0.1)
+    r.add_argument("--split", default="test")
+    r.add_argument("--k", type=int, nargs="+", default=[10, 100], help="cut-offs (MAP uses the largest)")
+    r.add_argument("--corpus-chunk", type=int, default=10_000, help="documents encoded and scored per chunk")
+    r.set_defaults(func=run_retrieval)
+
+    s = sub.add_parser("sts", help=HELP["sts"])
+    _common(s)
+    s.add_argument("--data", required=True, type=Path)
+    s.set_defaults(func=run_sts)
+
+    k = sub.add_parser("passkey", help=HELP["passkey"])
+    _common(k)
+    k.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths in tokens (256..32768)")
+    k.add_argument("--candidates", type=int, default=100)
+    k.add_argument("--queries", type=int, default=50)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's own)")
+    k.set_defaults(func=run_passkey)
+
+    m = sub.add_parser("mteb", help=HELP["mteb"])
+    _common(m)
+    m.add_argument("--data", required=True, help="BEIR folder or 'chatterbot'")
+    m.add_argument("--split", default="test")
+    m.add_argument("--name", default="EmbforgeLocalRetrieval", help="task name shown by mteb")
+    m.set_defaults(func=run_mteb_cmd)
+
+
+def _clean_errors(func):
+    """Bad input (malformed files, unknown task names, missing folders) exits 2 with its file:line message."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(args) -> int:
+        from .beir import BeirFormatError
+        from .datasets import SyntheticFormatError
+        from .sts import StsFormatError
+
+        try:
+            return func(args)
+        except (BeirFormatError, StsFormatError, SyntheticFormatError, FileNotFoundError, KeyError) as e:
+            print(f"embforge eval: error: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def _instruction(args) -> str | None:
+    if args.instruction and args.task:
+        raise SystemExit("give --instruction or --task, not both")
+    if args.task:
+        from .instructions import instruction_for
+
+        return instruction_for(args.task)
+    return args.instruction
+
+
+def _finish(args, data: str, metrics: dict, **extra) -> int:
+    from .results import format_table, make_records, write_results
+
+    records = make_records(args.model, data, metrics, **extra)
+    print(format_table(records))
+    if args.out:
+        write_results(args.out, records)
+        print(f"wrote {len(records)} records to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _load_data(spec: str, split: str):
+    from .beir import load_beir
+    from .datasets import chatterbot_beir
+
+    return chatterbot_beir(split=split) if spec == "chatterbot" else load_beir(spec, split)
+
+
+@_clean_errors
+def run_retrieval(args) -> int:
+    from .encoders import load_encoder
+    from .retrieval import evaluate_retrieval
+
+    if args.synthetic:
+        from .datasets import synthetic_beir
+
+        ds, data = synthetic_beir(args.synthetic, fraction=args.heldout_fraction), f"{args.synthetic}:heldout"
+    else:
+        ds, data = _load_data(args.data, args.split), args.data
+    instruction = _instruction(args)
+    metrics = evaluate_retrieval(load_encoder(args.model, args.device), ds, instruction=instruction,
+                                 batch_size=args.batch_size, k_values=args.k, corpus_chunk=args.corpus_chunk)
+    return _finish(args, data, metrics, split=ds.split, instruction=instruction)
+
+
+@_clean_errors
+def run_sts(args) -> int:
+    from .encoders import load_encoder
+    from .sts import evaluate_sts
+
+    instruction = _instruction(args)
+    metrics = evaluate_sts(load_encoder(args.model, args.device), args.data, instruction=instruction,
+                           batch_size=args.batch_size)
+    return _finish(args, str(args.data), metrics, instruction=instruction)
+
+
+@_clean_errors
+def run_passkey(args) -> int:
+    from .encoders import load_encoder
+    from .passkey import LENGTHS, evaluate_passkey
+
+    encoder = load_encoder(args.model, args.device)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = getattr(encoder, "tokenizer", None)
+        if tokenizer is None:
+            raise SystemExit(f"{args.model}: encoder exposes no tokenizer; pass --tokenizer")
+    instruction = _instruction(args)
+    metrics = evaluate_passkey(encoder, tokenizer, args.lengths or LENGTHS, n_candidates=args.candidates,
+                               n_queries=args.queries, instruction=instruction, batch_size=args.batch_size,
+                               seed=args.seed)
+    return _finish(args, "passkey", metrics, instruction=instruction, seed=args.seed,
+                   candidates=args.candidates, queries=args.queries)
+
+
+@_clean_errors
+def run_mteb_cmd(args) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from .encoders import load_encoder
+    from .mteb_adapter import beir_task, run_mteb
+
+    task = beir_task(_load_data(args.data, args.split), name=args.name, split=args.split,
+                     instruction=_instruction(args))
+    scores = run_mteb(load_encoder(args.model, args.device), [task], name="embforge/" + Path(args.model).name,
+                      batch_size=args.batch_size)[args.name]
+    wanted = {k: v for k, v in scores.items() if k.split("_at_")[0] in ("ndcg", "mrr", "recall", "map")
+              and k.rsplit("_", 1)[-1] in ("10", "100")}
+    return _finish(args, args.data, wanted, split=args.split, evaluator="mteb")
