@@ -46,9 +46,11 @@ def test_minilm_on_chatterbot_subset():
 
     full = chatterbot_beir()
     qids = list(full.qrels)[:80]
-    ds = BeirDataset(corpus=full.corpus, queries={q: full.queries[q] for q in qids},
-                     qrels={q: full.qrels[q] for q in qids})
+    # the relevant answers plus 250 distractors keep CPU time low while chance stays near zero
+    keep = {d for q in qids for d in full.qrels[q]} | set(list(full.corpus)[-250:])
+    ds = BeirDataset(corpus={d: t for d, t in full.corpus.items() if d in keep},
+                     queries={q: full.queries[q] for q in qids}, qrels={q: full.qrels[q] for q in qids})
     m = evaluate_retrieval(load_encoder("minilm"), ds, batch_size=64, progress=False)
-    assert m["num_docs"] > 800
-    assert m["ndcg_at_10"] > 0.3  # chance level is about 0.01 with ~870 candidates
+    assert m["num_docs"] > 300
+    assert m["ndcg_at_10"] > 0.3  # chance level is about 0.03 with 300+ candidates
     assert m["recall_at_100"] >= m["recall_at_10"]

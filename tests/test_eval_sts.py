@@ -7,10 +7,10 @@ from embforge.eval.sts import StsFormatError, evaluate_sts, load_sts
 
 
 def test_sts_tsv_and_jsonl_agree(tmp_path):
-    rows = [("the cat sat on the mat", "the cat sat on the mat", 5.0),
-            ("the cat sat on the mat", "a cat sat on a mat", 3.5),
-            ("the cat sat on the mat", "the dog ran in the park", 1.0),
-            ("stock prices fell", "bananas are yellow", 0.0)]
+    rows = [("red apple pie", "red apple pie", 5.0),  # hashed-word cosines: 1, 2/3, 1/3, 0
+            ("red apple pie", "red apple tart", 3.5),
+            ("red apple pie", "green apple cake", 1.0),
+            ("red apple pie", "blue ocean waves", 0.0)]
     tsv = tmp_path / "s.tsv"
     tsv.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in rows))
     jl = tmp_path / "s.jsonl"

@@ -139,19 +139,24 @@ def test_last_token_packed(B, H, dtype, cu_dtype):
     assert (grad[~pooled] == 0).all()
 
 
-@pytest.mark.parametrize("B,T,H", SHAPES)
+# Mean pooling is the slowest kernel in the interpreter (2-D tiles over B x T x H): each shape takes one padding
+# layout, cycling so that every layout meets every B, T and H.
+@pytest.mark.parametrize("case", range(len(SHAPES)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mean_pool(B, T, H, dtype):
-    g = torch.Generator().manual_seed(B * 1000 + T * 10 + H + 1)
+def test_mean_pool(case, dtype):
+    B, T, H = SHAPES[case]
+    i, j, k = case // 9, case // 3 % 3, case % 3
+    padding, normalize = [("left", True), ("right", False), ("holes", True)][(i + j + k) % 3]  # a Latin square
+    g = torch.Generator().manual_seed(case)
     # A common offset makes the mean much larger than its noise, so the normalization is not near-trivial.
     hidden = (torch.randn(B, T, H, generator=g) + torch.randn(H, generator=g)).to(dtype)
-    for padding, normalize in (("left", True), ("right", False), ("holes", True)):
-        mask = make_mask(B, T, padding, g)
-        out, grad, ref, ref_grad = run_case(mean_pool, ref_mean, hidden, mask, "triton", normalize=normalize)
-        what = f"B={B} T={T} H={H} {dtype} {padding} normalize={normalize}"
-        check(out, ref, TOL[dtype][0], "mean output " + what)
-        check(grad, ref_grad, TOL[dtype][1], "mean grad " + what)
-        assert (grad[mask == 0] == 0).all(), what  # padding positions get exactly zero gradient
+    mask = make_mask(B, T, padding, g)
+    out, grad, ref, ref_grad = run_case(mean_pool, ref_mean, hidden, mask, "triton", normalize=normalize)
+    what = f"B={B} T={T} H={H} {dtype} {padding} normalize={normalize}"
+    assert out.shape == (B, H) and out.dtype == dtype and grad.dtype == dtype
+    check(out, ref, TOL[dtype][0], "mean output " + what)
+    check(grad, ref_grad, TOL[dtype][1], "mean grad " + what)
+    assert (grad[mask == 0] == 0).all(), what  # padding positions get exactly zero gradient
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -193,6 +198,52 @@ def test_strided_inputs_and_expanded_grad():
         check(hidden.grad, h64.grad, 2e-5, fn.__name__ + " grad")
 
 
+def test_rows_wider_than_one_block_and_masks_longer_than_one_block():
+    """H > 2048 makes the row kernels loop over H blocks; T > 1024 makes the mask scan loop over T blocks."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 3, 2500, generator=g)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    for fn, ref_fn in ((last_token_pool, ref_last_token), (mean_pool, ref_mean)):
+        out, grad, ref, ref_grad = run_case(fn, ref_fn, hidden, mask, "triton")
+        check(out, ref, 2e-6, fn.__name__ + " H=2500")
+        check(grad, ref_grad, 2e-5, fn.__name__ + " H=2500 grad")
+    mask = torch.zeros(2, 1100, dtype=torch.long)
+    mask[0, 1050] = mask[0, 3] = mask[1, :1025] = 1
+    out, grad, ref, ref_grad = run_case(last_token_pool, ref_last_token, torch.randn(2, 1100, 16, generator=g),
+                                        mask, "triton")
+    check(out, ref, 2e-6, "T=1100")
+    check(grad, ref_grad, 2e-5, "T=1100 grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and compiled Triton: TRITON_INTERPRET=0 pytest -m gpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compiled_kernels(dtype):
+    """The compiled kernels (not the interpreter) against the same float64 reference, on shapes that loop."""
+    g = torch.Generator().manual_seed(7)
+    for B, T, H in ((3, 5, 16), (37, 33, 384), (8, 1500, 4096), (5, 700, 3000)):
+        hidden = (3 * torch.randn(B, T, H, generator=g)).to(dtype)
+        for padding in ("left", "right", "holes"):
+            mask = make_mask(B, T, padding, g)
+            for fn, ref_fn in ((last_token_pool, ref_last_token), (mean_pool, ref_mean)):
+                h = hidden.cuda().requires_grad_()
+                out = fn(h, mask.cuda(), backend="triton")
+                up = torch.randn(out.shape, generator=g)
+                out.backward(up.to(dtype).cuda())
+                h64 = hidden.double().requires_grad_()
+                ref = ref_fn(h64, mask)
+                ref.backward(up.to(dtype).double())
+                what = f"cuda {fn.__name__} B={B} T={T} H={H} {dtype} {padding}"
+                check(out.detach().cpu(), ref.detach(), TOL[dtype][0], what)
+                check(h.grad.cpu(), h64.grad, TOL[dtype][1], what + " grad")
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+        hp = torch.randn(int(cu[-1]), H, generator=g).to(dtype)
+        out = last_token_pool_packed(hp.cuda(), cu.cuda(), backend="triton")
+        check(out.cpu(), ref_packed(hp.double(), cu), TOL[dtype][0], f"cuda packed B={B} H={H}")
+
+
 def test_zero_vector_is_finite_and_matches_clamped_reference():
     """A pooled row of zeros (or tiny norm) gives x / eps and gradient g / eps, never NaN."""
     hidden = torch.randn(3, 4, 16)
@@ -215,14 +266,15 @@ def test_float64_uses_torch_path_and_gradcheck():
 
 
 def test_triton_matches_torch_bf16_bitwise_close():
-    """Both backends round once from fp32, so they agree to one bf16 ulp."""
+    """Both backends round once from fp32, so they agree to one bf16 ulp (2^-7 relative: the interpreter casts
+    fp32 -> bf16 by truncation, compiled Triton and torch round to nearest)."""
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(4, 8, 384, generator=g).to(torch.bfloat16)
     mask = make_mask(4, 8, "holes", g)
     for fn in (last_token_pool, mean_pool):
         a = fn(hidden, mask, backend="triton").float()
         b = fn(hidden, mask, backend="torch").float()
-        assert ((a - b).abs() <= 2 ** -8 * b.abs() + 1e-6).all(), fn.__name__
+        assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-6).all(), fn.__name__
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ def versions() -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("EMBFORGE_COMMIT"):  # set by the GPU suite: the device's copy of the tree has no git
+        return os.environ["EMBFORGE_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

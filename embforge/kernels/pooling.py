@@ -445,10 +445,11 @@ def last_token_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, *, no
     if cu_seqlens.device != hidden.device:
         raise ValueError(f"{fn}: cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    # One device->host transfer for all three checks.
+    first, last, n_bad = torch.stack([cu_seqlens[0].long(), cu_seqlens[-1].long(), (lengths <= 0).sum()]).tolist()
     if first != 0:
         raise ValueError(f"{fn}: cu_seqlens must start at 0, got {first}")
-    if bool((lengths <= 0).any()):
+    if n_bad:
         bad = torch.nonzero(lengths <= 0).flatten()[:10].tolist()
         raise ValueError(f"{fn}: cu_seqlens must be strictly increasing; sequence(s) {bad} are empty or negative")
     if last > hidden.shape[0]:
