@@ -42,7 +42,8 @@ def loss_fn(provider: str, device_type: str):
         return lambda q, d: infonce_loss_eager(q, d, 0.02)
     if provider == "compile":
         # bwd mode re-runs backward on a retained graph, which donated buffers forbid
-        torch._functorch.config.donated_buffer = False
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
         if "fn" not in _compiled:
             _compiled["fn"] = torch.compile(infonce_loss_eager)
         return lambda q, d: _compiled["fn"](q, d, 0.02)

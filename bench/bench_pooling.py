@@ -8,16 +8,14 @@ Writes one CSV row per (kernel, provider, mode, shape) and a PNG plot beside the
 Timing: triton.testing.do_bench on CUDA (L2 flushed between runs, median/p20/p80 of its samples); a wall-clock
 loop on CPU. On CPU only the torch provider runs by default: the Triton interpreter executes each program in
 Python, so its timings say nothing about the kernel (--include-interpreter runs it anyway, tiny shapes only).
-peak_mem_mb: CUDA memory allocated at the peak of one call, above what was allocated before it (inputs, and for
-bwd the forward's outputs, excluded); empty on CPU, where torch keeps no allocator statistics.
+peak_mem_mb: memory at the peak of one call above what was held before it (inputs, and for bwd the forward's
+outputs, excluded): max_memory_allocated on CUDA, the process's RSS high-water mark on CPU (Linux clear_refs;
+freed pages the allocator reuses are not counted again, so CPU figures are a lower bound).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +23,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-FIELDS = ["kernel", "provider", "mode", "B", "T", "H", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
-          "device", "versions", "commit"]
+sys.path.insert(0, str(REPO))
+if __name__ == "__main__" and "--include-interpreter" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+from embforge.bench import common  # noqa: E402
+
 KERNELS = ["last_token_pool", "last_token_pool_packed", "mean_pool"]
 MODES = ["fwd", "bwd", "full"]
 
@@ -79,44 +80,26 @@ def _timer(device: str):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-        q = statistics.quantiles(samples, n=10, method="inclusive")
-        return statistics.median(samples), q[1], q[7]
+        q = common.quantiles(samples)
+        return q["median_ms"], q["p20_ms"], q["p80_ms"]
     return bench_cpu
 
 
 def _peak_mb(fn, device: str, grad_to_none):
-    if device != "cuda":
-        return ""
     for x in grad_to_none:
         x.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
-
-
-def _versions() -> str:
-    import triton
-    return f"torch={torch.__version__};triton={triton.__version__};python={sys.version.split()[0]}"
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "embforge", "bench"], cwd=REPO).returncode
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(device: str) -> str:
     if device == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 2)
+    if not common.reset_peak_rss():
+        return ""
+    base = common.current_rss_mb()
+    fn()
+    return round(max(0.0, common.peak_rss_mb() - base), 2)
 
 
 def _bench_one(kernel, provider, B, T, H, dtype, device, bench):
@@ -163,7 +146,7 @@ def run(device: str = "cpu", out_dir: str | Path = "bench/results", quick: bool 
     providers = ["triton", "torch"] if device == "cuda" or interpreter else ["torch"]
     dtypes = [torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]
     bench = _timer(device)
-    common = dict(device=_device_name(device), versions=_versions(), commit=_commit())
+    env = common.env_columns(device)
     rows = []
     shapes = _shapes(device, quick, interpreter)
     for kernel in KERNELS:
@@ -171,7 +154,7 @@ def run(device: str = "cpu", out_dir: str | Path = "bench/results", quick: bool 
             for dtype in dtypes:
                 for provider in providers:
                     for r in _bench_one(kernel, provider, B, T, H, dtype, device, bench):
-                        r.update(common)
+                        r.update(env)
                         rows.append(r)
                         print(f"{kernel:24s} {provider:6s} {r['mode']:4s} B={B:5d} T={T:5d} H={H:5d} "
                               f"{r['dtype']:8s} {r['median_ms']:9.4f} ms  peak {r['peak_mem_mb']} MB",
@@ -179,11 +162,7 @@ def run(device: str = "cpu", out_dir: str | Path = "bench/results", quick: bool 
                 if device == "cuda":
                     torch.cuda.empty_cache()
     csv_path = Path(out) if out else Path(out_dir) / f"pooling_{device}.csv"
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    common.write_csv(rows, csv_path)
     plot(rows, csv_path.with_suffix(".png"))
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}", file=sys.stderr)
     return rows
@@ -211,7 +190,9 @@ def plot(rows: list[dict], path: Path):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     if rows:
-        fig.suptitle(f"pooling on {rows[0]['device']} ({rows[0]['versions']}, {rows[0]['commit']})", fontsize=9)
+        r0 = rows[0]
+        fig.suptitle(f"pooling on {r0['device']} ({r0['date'][:10]}, commit {r0['commit']}; {r0['versions']})",
+                     fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -230,7 +211,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if "--include-interpreter" in sys.argv:  # must precede the first import of triton (inside run)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

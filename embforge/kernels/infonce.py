@@ -208,6 +208,8 @@ def _project_triton(y, x, r, c):
     if y.dtype == torch.float64:
         return _project_torch(y, x, r, c)
     R, H = y.shape
+    if x.stride(1) != 1:  # the kernel walks rows with unit column stride (prefix slices already have it)
+        x = x.contiguous()
     out = _empty(R, H, device=y.device, dtype=x.dtype)
     block_h = min(4096, triton.next_power_of_2(H))
     _project_rows_kernel[(R,)](y, x, out, r, c if c is not None else r, H, y.stride(0), x.stride(0),

@@ -1,0 +1,153 @@
+"""`embforge synth generate|relabel` argument parsing; the work lives in generate.py and relabel.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (keys of SynthConfig / RelabelConfig); flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set validation.near_dup_threshold=0.95")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", help="model name as the endpoint knows it")
+    p.add_argument("--concurrency", type=int, help="requests in flight at once")
+    p.add_argument("--budget-usd", type=float, help="stop dispatching before spending more than this (all runs "
+                                                    "into the same output together)")
+    p.add_argument("--structured-output", choices=["auto", "json_schema", "json_object_schema", "json_object",
+                                                   "text"])
+    p.add_argument("--timeout", type=float, dest="request_timeout", help="seconds per request attempt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local", action="store_true", help="start a llama.cpp server with SmolLM2-135M (offline) "
+                                                        "and use it; stopped when done")
+
+
+def add_parser(subparsers) -> None:
+    synth = subparsers.add_parser("synth", help="generate synthetic training data with an LLM (E5, Gecko)")
+    sub = synth.add_subparsers(dest="synth_command", metavar="<generate|relabel>")
+
+    g = sub.add_parser("generate", help="E5 two-step generation into training JSONL (resumable)")
+    _common(g)
+    g.add_argument("--out", help="output training JSONL (DATA.raw.jsonl and DATA.report.json go beside it)")
+    g.add_argument("--tasks-per-type", type=int, help="task definitions per task type")
+    g.add_argument("--examples-per-task", type=int, help="examples generated for each task definition")
+    g.add_argument("--task-types", help="comma-separated subset of: short-long,long-short,short-short,long-long,"
+                                        "sts,bitext")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--batch", action="store_true", help="use the OpenAI Batch API (half price, up to 24 h)")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("relabel", help="Gecko relabelling: retrieve neighbours, LLM-grade, fuse, pick pos/neg")
+    _common(r)
+    r.add_argument("--input", help="records to relabel (our training JSONL)")
+    r.add_argument("--corpus", help="passages: JSONL with a 'text' field, or .txt with one per line "
+                                    "(default: the positives and negatives of --input)")
+    r.add_argument("--out", help="relabelled training JSONL")
+    r.add_argument("--embedder", help="'minilm' (bundled all-MiniLM-L6-v2), a sentence-transformers folder, "
+                                      "an exported embforge model, or 'hashing'")
+    r.add_argument("--top-k", type=int, help="neighbours retrieved and graded per query")
+    r.add_argument("--negative-ranks", help="comma-separated fused ranks to use as hard negatives "
+                                            "(1 = best; negative counts from the bottom, -1 = lowest)")
+    r.set_defaults(func=cmd_relabel)
+    synth.set_defaults(func=lambda args: (synth.print_help(), 2)[1])
+
+
+def _load(cls, args, mapping: dict) -> object:
+    from embforge.config import load_config
+
+    overrides = list(args.set)
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None and value is not False:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load_config(cls, args.config, overrides)
+
+
+COMMON = {"base_url": "base_url", "model": "model", "concurrency": "concurrency", "budget_usd": "budget_usd",
+          "structured_output": "structured_output", "request_timeout": "request_timeout"}
+
+
+def _fail(msg: str) -> int:
+    print(f"embforge synth: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def cmd_generate(args) -> int:
+    from embforge.config import ConfigError
+
+    from .client import FatalAPIError
+    from .config import SynthConfig
+    from .cost import BudgetError
+    from .generate import run_generate
+    from .local import LlamaServer, LocalServerError, local_preset
+    from .store import StoreError
+    from .templates import TemplateError
+
+    mapping = dict(COMMON, out="out", tasks_per_type="tasks_per_type", examples_per_task="examples_per_task",
+                   seed="seed")
+    try:
+        cfg = _load(SynthConfig, args, mapping)
+        if args.task_types:
+            cfg.task_types = [t.strip() for t in args.task_types.split(",") if t.strip()]
+            cfg.validate()
+        if args.batch:
+            cfg.batch.enabled = True
+        if args.no_progress:
+            cfg.progress = False
+        if args.local:
+            local_preset(cfg)
+            with LlamaServer(cfg.local.model_path or None, n_ctx=cfg.local.n_ctx, port=cfg.local.port,
+                             startup_timeout=cfg.local.startup_timeout) as base_url:
+                cfg.base_url = base_url
+                report = run_generate(cfg)
+        else:
+            report = run_generate(cfg)
+    except (ConfigError, BudgetError, StoreError, TemplateError, LocalServerError, ValueError) as e:
+        return _fail(str(e))
+    except FatalAPIError as e:
+        return _fail(str(e))
+    _print_summary(report)
+    return 1 if report.get("fatal_error") else 0
+
+
+def _print_summary(report: dict) -> None:
+    cost = report.get("cost", {})
+    print(f"[synth] {report.get('stop_reason')}: accepted {sum(report.get('examples_accepted', {}).values())} "
+          f"example(s); cost ${cost.get('total_usd', 0):.4f}; report: see *.report.json", file=sys.stderr)
+    if report.get("fatal_error"):
+        print(f"[synth] stopped by: {report['fatal_error']}", file=sys.stderr)
+
+
+def cmd_relabel(args) -> int:
+    from embforge.config import ConfigError
+
+    from .client import FatalAPIError
+    from .cost import BudgetError
+    from .local import LlamaServer, LocalServerError, local_preset
+    from .relabel import RelabelConfig, run_relabel
+    from .store import StoreError
+
+    mapping = dict(COMMON, input="input", corpus="corpus", out="out", embedder="embedder", top_k="top_k")
+    try:
+        cfg = _load(RelabelConfig, args, mapping)
+        if args.negative_ranks:
+            cfg.negative_ranks = [int(x) for x in args.negative_ranks.split(",") if x.strip()]
+            cfg.validate()
+        if args.no_progress:
+            cfg.progress = False
+        if args.local:
+            local_preset(cfg)
+            with LlamaServer(n_ctx=2048) as base_url:
+                cfg.base_url = base_url
+                report = run_relabel(cfg)
+        else:
+            report = run_relabel(cfg)
+    except (ConfigError, BudgetError, StoreError, LocalServerError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    except FatalAPIError as e:
+        return _fail(str(e))
+    print(f"[synth] relabel {report.get('stop_reason')}: wrote {report.get('records_written')} record(s); "
+          f"positive changed for {report.get('positive_changed')}; cost ${report['cost']['total_usd']:.4f}",
+          file=sys.stderr)
+    return 1 if report.get("fatal_error") else 0

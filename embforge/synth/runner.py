@@ -1,0 +1,85 @@
+"""Run many chat requests with bounded concurrency, a budget, a progress bar and a clean stop.
+
+Workers pull from one iterator (not one coroutine per request), so memory stays flat for 500k requests.
+Stopping (budget reached, fatal API error) only stops dispatch: requests already in flight finish and are
+recorded, because they are paid for.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Callable, Iterable
+
+from .client import ChatRequest, ChatResult, FatalAPIError, LLMClient
+from .cost import Budget
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="req", dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Runner:
+    def __init__(self, client: LLMClient, budget: Budget, *, concurrency: int, progress: bool = True):
+        self.client, self.budget, self.concurrency, self.progress = client, budget, concurrency, progress
+        self.stop_reason: str | None = None
+        self.fatal: str | None = None
+        self.counts = {"ok": 0, "rejected": 0, "failed": 0}
+
+    def _charge(self, usage: dict) -> None:
+        self.budget.tracker.add(self.client.model, usage)
+
+    async def run(self, requests: Iterable[ChatRequest], handle: Callable[[ChatRequest, ChatResult], None],
+                  *, total: int, desc: str) -> None:
+        it = iter(requests)
+        bar = Progress(total, desc, self.progress)
+
+        async def worker():
+            while self.stop_reason is None:
+                try:
+                    req = next(it)
+                except StopIteration:
+                    return
+                prompt_chars = sum(len(m.get("content") or "") for m in req.messages)
+                reserve = self.budget.worst_case(prompt_chars, req.max_tokens)
+                if not self.budget.try_reserve(reserve):
+                    self.stop_reason = "budget"
+                    return
+                extra: list[float] = []
+
+                def allow_more(max_tokens: int) -> bool:
+                    # A re-ask is a new charge: it must fit in the budget like a fresh request.
+                    amount = self.budget.worst_case(prompt_chars, max_tokens)
+                    if self.budget.try_reserve(amount):
+                        extra.append(amount)
+                        return True
+                    return False
+
+                try:
+                    res = await self.client.complete(req, on_usage=self._charge, allow_more=allow_more)
+                except FatalAPIError as e:
+                    self.stop_reason, self.fatal = "fatal", str(e)
+                    return
+                finally:
+                    self.budget.release(reserve + sum(extra))
+                self.counts[res.status if res.status != "ok" else "ok"] += 1
+                handle(req, res)
+                bar.update(1, cost=f"${self.budget.tracker.total_usd:.4f}", **self.counts)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, self.concurrency))))
+        finally:
+            bar.close()

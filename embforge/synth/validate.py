@@ -1,0 +1,128 @@
+"""Checks on generated examples and duplicate removal.
+
+Each check returns a short reason code; the run report counts them. Near-duplicates are found with MinHash
+over character 5-grams (word shingles fail on Chinese/Japanese, which have no spaces) and LSH banding, so
+the cost per record stays constant however large the output grows.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+_SPACE = re.compile(r"\s+")
+_LEFTOVER = re.compile(r"\$\{?[a-z_]+\}?|\{[a-z_]+\}")  # an unfilled placeholder echoed back by the model
+
+
+@dataclass
+class ValidationConfig:
+    min_chars: int = 2            # any field
+    max_chars: int = 20000        # any field
+    long_min_words: int = 300     # long-long fields (E5: at least 300 words)
+    short_max_words: int = 200    # the query side of short-long and both sides of short-short
+    near_dup_threshold: float = 0.9  # estimated Jaccard over char 5-grams; 1.0 disables near-dup removal
+    dedup: bool = True
+
+
+def count_words(text: str) -> int:
+    """Whitespace words, but each CJK character counts as one: those scripts do not separate words."""
+    cjk = len(_CJK.findall(text))
+    return len(_CJK.sub(" ", text).split()) + cjk
+
+
+def normalize(text: str) -> str:
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def check_example(task_name: str, payload: dict, keys: tuple[str, ...], long_fields: tuple[str, ...],
+                  cfg: ValidationConfig) -> str | None:
+    """None if the payload is usable, else a reason code."""
+    for k in keys:
+        v = payload.get(k)
+        if not isinstance(v, str):
+            return f"field_not_string:{k}"
+        if len(v.strip()) < cfg.min_chars:
+            return f"field_too_short:{k}"
+        if len(v) > cfg.max_chars:
+            return f"field_too_long:{k}"
+        if _LEFTOVER.search(v):
+            return f"placeholder_left:{k}"
+    for k in long_fields:
+        if count_words(payload[k]) < cfg.long_min_words:
+            return f"too_few_words:{k}"
+    short = {"short-long": keys[:1], "short-short": keys}.get(task_name, ())
+    for k in short:
+        if count_words(payload[k]) > cfg.short_max_words:
+            return f"too_many_words:{k}"
+    texts = [normalize(payload[k]) for k in keys]
+    if len(set(texts)) < len(texts):
+        return "fields_identical"
+    return None
+
+
+def check_record(rec: dict) -> str | None:
+    """The training-record contract the trainer reads; returns a reason code or None."""
+    for k in ("instruction", "query", "positive"):
+        if not isinstance(rec.get(k), str) or not rec[k].strip():
+            return f"record_missing:{k}"
+    if not isinstance(rec.get("negatives"), list) or not all(isinstance(n, str) for n in rec["negatives"]):
+        return "record_bad_negatives"
+    return None
+
+
+_PRIME = (1 << 61) - 1
+
+
+class Deduper:
+    """Exact (normalised text hash) and near-duplicate (MinHash-LSH) detection over records seen so far."""
+
+    def __init__(self, threshold: float = 0.9, num_perm: int = 64, bands: int = 16, seed: int = 1):
+        self.threshold = threshold
+        self.exact: set[str] = set()
+        self.bands, self.rows = bands, num_perm // bands
+        rng = np.random.default_rng(seed)
+        # a, b < 2^31 and crc32 < 2^32 keep a*h + b below 2^64: exact arithmetic, no silent uint64 wrap.
+        self.a = rng.integers(1, 1 << 31, num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 31, num_perm, dtype=np.uint64)
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+        self.signatures: list[np.ndarray] = []
+
+    @staticmethod
+    def key(rec: dict) -> str:
+        return normalize(rec["query"]) + "\x1f" + normalize(rec["positive"])
+
+    def _signature(self, text: str) -> np.ndarray:
+        grams = {text[i:i + 5] for i in range(max(1, len(text) - 4))}
+        h = np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams))
+        return ((h[None, :] * self.a[:, None] + self.b[:, None]) % np.uint64(_PRIME)).min(axis=1)
+
+    def check(self, rec: dict) -> str | None:
+        """Reason code if `rec` duplicates an earlier record; otherwise remembers it and returns None."""
+        key = self.key(rec)
+        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
+        if digest in self.exact:
+            return "duplicate_exact"
+        sig = None
+        if self.threshold < 1.0:
+            sig = self._signature(key)
+            seen: set[int] = set()
+            for band in range(self.bands):
+                chunk = sig[band * self.rows:(band + 1) * self.rows].tobytes()
+                for idx in self.buckets[band].get(chunk, ()):
+                    if idx in seen:
+                        continue
+                    seen.add(idx)
+                    if float(np.mean(self.signatures[idx] == sig)) >= self.threshold:
+                        return "duplicate_near"
+        self.exact.add(digest)
+        if sig is not None:
+            idx = len(self.signatures)
+            self.signatures.append(sig)
+            for band in range(self.bands):
+                self.buckets[band].setdefault(sig[band * self.rows:(band + 1) * self.rows].tobytes(), []).append(idx)
+        return None
