@@ -5,7 +5,8 @@ of random words (so nothing is accidentally a duplicate), implements the minimal
 endpoints of the Batch API, and injects faults from a script: {request number: fault} or a callable.
 Faults: "429" (with Retry-After), "500", "stall" (sleep past the client timeout), "malformed" (HTTP 200 with
 a non-JSON body), "badjson" (content is not JSON), "length" (truncated, finish_reason=length), "refusal",
-"wrapped" (valid JSON inside prose and a code fence), "duplicate" (repeat the previous example verbatim).
+"wrapped" (valid JSON inside prose and a code fence), "duplicate" (repeat the previous example of the same
+shape verbatim), "nearduplicate" (the same plus one character), "drop" (batch only: the line never runs).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class FakeLLM:
         self.log: list[dict] = []            # one entry per chat request: time, prompt, fault, response_format
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
-        self.last_example: str | None = None
+        self.last_example: dict[tuple, str] = {}  # by field names, so a "duplicate" fits the asked schema
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -93,10 +94,15 @@ class FakeLLM:
         payload = self._payload(prompt, schema)
         content = json.dumps(payload, ensure_ascii=False)
         finish, refusal = "stop", None
-        if fault == "duplicate" and self.last_example:
-            content = self.last_example
+        shape = tuple(sorted(payload))
+        if fault in ("duplicate", "nearduplicate") and shape in self.last_example:
+            content = self.last_example[shape]
+            if fault == "nearduplicate":  # one extra character in the first field
+                prev = json.loads(content)
+                first = next(iter(prev))
+                content = json.dumps({**prev, first: prev[first] + "."})
         if "score" not in payload and "tasks" not in payload:
-            self.last_example = content
+            self.last_example[shape] = content
         if fault == "badjson":
             content = "Sure! I cannot format this as JSON, but here goes: key = value"
         elif fault == "length":

@@ -136,3 +136,26 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 def read_csv(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def device_slug(device) -> str:
+    """File-name key of a device for stored baselines: 'cpu' for any CPU (timings there are judged relative to a
+    same-run matmul), else the GPU's name, e.g. 'nvidia-h100-80gb-hbm3'."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    import re
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def reference_matmul(device, *, reps: int = 7) -> dict:
+    """Median time and rate of one dense square matmul in the working dtype of the device (bf16 8192^3 on CUDA, fp32
+    1024^3 on CPU): the same-run yardstick that makes CPU timings comparable across runs and machines."""
+    device = torch.device(device)
+    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    t = time_fn(lambda: a @ b, device, warmup=2, reps=reps)
+    return {"matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""), "matmul_ms": t["median_ms"],
+            "matmul_tflops": 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12}

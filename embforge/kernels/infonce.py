@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Scratch bytes per similarity entry held at once: fp32 S plus G' in the matmul dtype (<= 4 bytes).
-_SCRATCH_BYTES_PER_ENTRY = 8
+# Scratch bytes per similarity entry held at once. Triton: fp32 S plus G' in the matmul dtype (<= 4 bytes).
+# torch: S, a logits buffer, logsumexp's temporary, G', and a byte of mask.
+_SCRATCH_BYTES_PER_ENTRY = {"triton": 8, "torch": 17}
 DEFAULT_MEMORY_BUDGET_MB = 1024
 # Tests set this to fill every scratch/output buffer with NaN on allocation, proving kernels write all they read.
 POISON_BUFFERS = False
@@ -150,25 +151,33 @@ def _rows_triton(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scal
 
 
 def _rows_torch(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scale, G):
-    """The same epilogue in torch ops (CPU path, and the reference the Triton epilogue is tested against)."""
+    """The same epilogue in torch ops (CPU path). Works in place on S and one logits buffer, so its scratch stays
+    within _SCRATCH_BYTES_PER_ENTRY["torch"] per similarity entry."""
     C, N = S.shape
-    s = S * rq[:, None] * rd[None, :]
-    cols = torch.arange(N, device=S.device)
-    is_pos = cols[None, :] == pos[:, None]
-    keep = torch.ones_like(is_pos)
-    if cid is not None:
-        false_neg = (cid[None, :] >= 0) & ((cid[None, :] == pos_id[:, None]) | (cid[None, :] == q_id[:, None]))
-        keep &= is_pos | ~false_neg
-    if self_col is not None:
-        keep &= cols[None, :] != self_col[:, None]
-    logits = (s * inv_tau).masked_fill(~keep, float("-inf"))
+    rows = torch.arange(C, device=S.device)
+    s = S.mul_(rq[:, None]).mul_(rd[None, :])          # cosine similarities, in place
+    logits = s * inv_tau
+    if cid is not None or self_col is not None:
+        drop = torch.zeros(C, N, dtype=torch.bool, device=S.device)
+        if cid is not None:
+            drop |= (cid[None, :] >= 0) & ((cid[None, :] == pos_id[:, None]) | (cid[None, :] == q_id[:, None]))
+        if self_col is not None:
+            drop[rows, self_col] = True
+        drop[rows, pos] = False                       # the positive is never masked
+        logits.masked_fill_(drop, float("-inf"))
+        del drop
     lse = torch.logsumexp(logits, dim=1)
-    spos = s.gather(1, pos[:, None]).squeeze(1)
+    spos = s[rows, pos]
     rowdot = None
     if G is not None:
-        g = (torch.exp(logits - lse[:, None]) - is_pos.to(s.dtype)) * grad_scale
-        rowdot = (g * s).sum(1)
-        G.copy_(g * rd[None, :])
+        p = logits.sub_(lse[:, None]).exp_()           # P, in place
+        p[rows, pos] -= 1.0
+        p.mul_(grad_scale)                             # G = (P - onehot) / (B tau)
+        rowdot = torch.einsum("ij,ij->i", p, s)
+        if G.dtype == p.dtype:
+            torch.mul(p, rd[None, :], out=G)
+        else:
+            G.copy_(p.mul_(rd[None, :]))
     return lse, spos, rowdot
 
 
@@ -258,13 +267,15 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.float() @ b.float())
 
 
-def choose_chunk_rows(n_candidates: int, memory_budget_mb: float | None, n_queries: int) -> int:
+def choose_chunk_rows(n_candidates: int, memory_budget_mb: float | None, n_queries: int,
+                      backend: str = "triton") -> int:
     """Rows per chunk so that the C x N scratch fits the budget; independent of the number of queries."""
     budget = (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) * 2**20
-    rows = int(budget // (n_candidates * _SCRATCH_BYTES_PER_ENTRY))
+    per_row = n_candidates * _SCRATCH_BYTES_PER_ENTRY[backend]
+    rows = int(budget // per_row)
     if rows < 1:
         raise ValueError(f"memory_budget_mb={memory_budget_mb} is too small for one row of "
-                         f"{n_candidates} candidates (needs {n_candidates * _SCRATCH_BYTES_PER_ENTRY / 2**20:.2f} MB)")
+                         f"{n_candidates} candidates (needs {per_row / 2**20:.2f} MB)")
     if rows >= 64:
         rows -= rows % 64  # keep matmul shapes tensor-core friendly
     return max(1, min(rows, n_queries))
@@ -418,7 +429,7 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, s
         pos_id = q_id = None
     masking = _Masking(pos, pos_id, q_id, cid, self_col)
     n_all = candidates.shape[0]
-    rows = chunk_size if chunk_size else choose_chunk_rows(n_all, memory_budget_mb, B)
+    rows = chunk_size if chunk_size else choose_chunk_rows(n_all, memory_budget_mb, B, backend)
     impl = (_rows_triton, _project_triton) if backend == "triton" else (_rows_torch, _project_torch)
     if isinstance(temperature, torch.Tensor):
         tau_t = temperature

@@ -107,13 +107,17 @@ class LlamaServer:
 
 
 def local_preset(cfg) -> None:
-    """Settings a 135M model on 2 CPU cores can meet: short outputs, few requests, low word minimums."""
+    """Settings a 135M model on 2 CPU cores can meet: short outputs, few requests, low word minimums.
+
+    Works on both SynthConfig and RelabelConfig: only the fields a config has are touched.
+    """
+    caps = {"concurrency": 2,  # the server decodes one request at a time anyway
+            "max_tokens": 384, "brainstorm_max_tokens": 256, "max_tokens_cap": 768, "tasks_per_brainstorm": 5}
     cfg.model = cfg.model or LOCAL_MODEL_NAME
-    cfg.concurrency = min(cfg.concurrency, 2)  # the server decodes one request at a time anyway
-    cfg.max_tokens = min(cfg.max_tokens, 384)
-    cfg.brainstorm_max_tokens = min(cfg.brainstorm_max_tokens, 256)
-    cfg.max_tokens_cap = min(cfg.max_tokens_cap, 768)
-    cfg.tasks_per_brainstorm = min(cfg.tasks_per_brainstorm, 5)
+    for key, cap in caps.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, min(getattr(cfg, key), cap))
     cfg.request_timeout = max(cfg.request_timeout, 300.0)
-    cfg.validation.long_min_words = min(cfg.validation.long_min_words, 20)
+    if hasattr(cfg, "validation"):
+        cfg.validation.long_min_words = min(cfg.validation.long_min_words, 20)
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")

@@ -75,7 +75,7 @@ def check_record(rec: dict) -> str | None:
     return None
 
 
-_PRIME = (1 << 61) - 1
+_PRIME = (1 << 31) - 1  # Mersenne prime; a*h stays below 2^62, so uint64 never wraps
 
 
 class Deduper:
@@ -86,9 +86,10 @@ class Deduper:
         self.exact: set[str] = set()
         self.bands, self.rows = bands, num_perm // bands
         rng = np.random.default_rng(seed)
-        # a, b < 2^31 and crc32 < 2^32 keep a*h + b below 2^64: exact arithmetic, no silent uint64 wrap.
-        self.a = rng.integers(1, 1 << 31, num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 31, num_perm, dtype=np.uint64)
+        # Universal hashing (a*h + b) mod p needs a*h to wrap around p many times; with p = 2^31-1 and h < p
+        # it does, and the product still fits in uint64 exactly.
+        self.a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64)
         self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
         self.signatures: list[np.ndarray] = []
 
@@ -98,7 +99,7 @@ class Deduper:
 
     def _signature(self, text: str) -> np.ndarray:
         grams = {text[i:i + 5] for i in range(max(1, len(text) - 4))}
-        h = np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams))
+        h = np.fromiter((zlib.crc32(g.encode("utf-8")) % _PRIME for g in grams), dtype=np.uint64, count=len(grams))
         return ((h[None, :] * self.a[:, None] + self.b[:, None]) % np.uint64(_PRIME)).min(axis=1)
 
     def check(self, rec: dict) -> str | None:

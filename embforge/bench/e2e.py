@@ -1,0 +1,423 @@
+"""End-to-end GradCache training step: ours vs sentence-transformers' cached loss, and one lever at a time.
+
+One row per (system, lever): the median of `steps` measured steps after a small warm-up step, with tokens/s, model
+and hardware FLOP utilization (embforge/bench/flops.py), peak memory, the time split (pass 1 / loss / pass 2 /
+optimizer), the chunk shapes the decoder really ran (tracker.py) and the environment. Rows are written as soon as
+they exist, and a lever that fails becomes a row saying why: one broken lever never loses the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embforge.bench import common, flops, models, peer, synthetic
+from embforge.bench.tracker import Tracker, find_decoder
+
+QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    shape: str                     # embforge.bench.models.SHAPES key
+    n_queries: int
+    docs_per_query: int            # positive + hard negatives per query
+    lengths: synthetic.LengthSpec
+    max_length: int
+    chunk_tokens: int              # padded tokens per chunk (ours) -- the activation-memory budget
+    chunk_tokens_no_ckpt: int      # the budget for the no-checkpointing lever: a chunk must fit without it
+    steps: int
+    warmup_queries: int
+    quantization: str              # base weights of the headline run: "nf4" | "none"
+    gradient_checkpointing: bool = True
+    lora_r: int = 16
+    temperature: float = 0.02
+    lr: float = 1e-4
+
+    @property
+    def peer_mini_batch(self) -> int:
+        """ST slices globally padded columns into mini-batches of this many sequences: at max_length each, the
+        same padded-token (activation memory) budget as our chunks."""
+        return max(1, self.chunk_tokens // self.max_length)
+
+
+def setup_for(part: str, device: str, quick: bool = False) -> Setup:
+    if device == "cuda":
+        if part == "e2e_big":  # issue 3/6 memory target: 2048 queries + 2048 positives + 2048 hard negatives
+            return Setup("7b-2048q", "7b", 2048, 2, synthetic.LengthSpec(), 512, 8192, 2048, steps=1,
+                         warmup_queries=0, quantization="nf4")
+        return Setup("7b-256q", "7b", 256, 2, synthetic.LengthSpec(), 512, 8192, 2048, steps=1 if quick else 2,
+                     warmup_queries=16, quantization="nf4")
+    lengths = synthetic.LengthSpec().scaled(0.25)  # queries 4-16, documents median 40, up to 128 tokens
+    if part == "e2e_big":
+        return Setup("small-512q", "small", 512, 2, lengths, 128, 1024, 512, steps=1, warmup_queries=0,
+                     quantization="none")
+    return Setup("small-32q", "small", 32, 2, lengths, 128, 512, 256, steps=3 if quick else 5, warmup_queries=8,
+                 quantization="none")
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str                      # "baseline" or what changed, e.g. "grad_ckpt=off"
+    system: str = "embforge"       # or "sentence-transformers"
+    quantization: str | None = None
+    gradient_checkpointing: bool | None = None
+    chunk_tokens: int | None = None
+    pad_global: bool = False
+    compile_layers: bool = False
+    liger: bool = False
+    peer_token_budget: bool = False
+    cuda_only: bool = False
+
+
+def levers_for(setup: Setup, device: str, quick: bool) -> list[Lever]:
+    """Priority order (the GPU budget may cut the tail). Liger is last: it patches transformers' Mistral module."""
+    other_base = "none" if setup.quantization == "nf4" else "nf4"
+    out = [Lever("baseline"),
+           Lever("chunks=padded_global", pad_global=True),
+           Lever("peer", system="sentence-transformers"),
+           Lever("grad_ckpt=off", gradient_checkpointing=False, chunk_tokens=setup.chunk_tokens_no_ckpt),
+           Lever(f"base={'bf16' if other_base == 'none' else 'nf4'}", quantization=other_base),
+           Lever("peer=mini_batch_num_tokens", system="sentence-transformers", peer_token_budget=True),
+           Lever("compile=decoder_layers", compile_layers=True, cuda_only=True),
+           Lever("liger=rmsnorm+rope+swiglu", liger=True, cuda_only=True)]
+    if device != "cuda":
+        out = [lv for lv in out if not lv.cuda_only]
+        if quick:  # the CI check: the headline, the peer and the two levers that need no reload of a 4-bit model
+            out = [lv for lv in out if lv.name in ("baseline", "chunks=padded_global", "peer", "grad_ckpt=off")]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ systems
+
+def load_embedder(model_dir, setup: Setup, lever: Lever, device: str):
+    from embforge.engine.model import Embedder, ModelConfig
+    cfg = ModelConfig(path=str(model_dir), quantization=lever.quantization or setup.quantization,
+                      gradient_checkpointing=_ckpt(setup, lever), attn_implementation="sdpa",
+                      query_template=QUERY_TEMPLATE, query_max_length=setup.max_length,
+                      doc_max_length=setup.max_length)
+    if getattr(cfg.lora, "r", setup.lora_r) != setup.lora_r:
+        cfg.lora.r = setup.lora_r
+    emb = Embedder.from_config(cfg, device=device)
+    emb.train()
+    return emb
+
+
+def _ckpt(setup: Setup, lever: Lever) -> bool:
+    return setup.gradient_checkpointing if lever.gradient_checkpointing is None else lever.gradient_checkpointing
+
+
+def _seconds_to_ms(timings: dict) -> dict:
+    return {f"{k}_ms": round(float(v) * 1e3, 3) for k, v in (timings or {}).items()}
+
+
+def ours_step(embedder, texts, setup: Setup, lever: Lever):
+    from embforge.engine.gradcache import ContrastiveBatch, contrastive_step
+    queries, instructions, documents = texts
+    batch = ContrastiveBatch(queries=queries, instructions=instructions, documents=documents)
+    chunk_tokens = lever.chunk_tokens or setup.chunk_tokens
+
+    def step() -> dict:
+        r = contrastive_step(embedder, batch, temperature=setup.temperature, chunk_tokens=chunk_tokens)
+        return {"loss": float(r.loss), "engine_chunks": r.n_chunks, "engine_tokens": r.tokens,
+                **_seconds_to_ms(r.timings)}
+    return step
+
+
+def peer_step(st, texts, setup: Setup, lever: Lever, device: str):
+    queries, instructions, documents = texts
+    feats = peer.features(st, queries, instructions, documents, setup.docs_per_query, QUERY_TEMPLATE, device)
+    loss_fn = peer.make_loss(st, temperature=setup.temperature, mini_batch_size=setup.peer_mini_batch,
+                             mini_batch_num_tokens=setup.chunk_tokens if lever.peer_token_budget else None)
+
+    def step() -> dict:
+        loss = loss_fn(feats, None)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _memory_reset(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    gc.collect()
+    common.reset_peak_rss()
+    return common.current_rss_mb()
+
+
+def _memory_peak(device) -> dict:
+    if torch.device(device).type == "cuda":
+        return {"peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
+    return {"peak_mem_mb": round(common.peak_rss_mb(), 1)}
+
+
+def measure(step_fn, params, device: str, tracker: Tracker, n_steps: int, warmup_fn=None) -> dict:
+    """Median over n_steps of one step + AdamW update; memory of the last step; chunk shapes of the last step."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=torch.device(device).type == "cuda")
+    if warmup_fn is not None:  # kernels, allocator and autotuning warm, off the clock
+        warmup_fn()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    runs = []
+    for _ in range(n_steps):
+        base_mb = _memory_reset(device)
+        with tracker.step() as trace:
+            t0 = time.perf_counter()
+            info = step_fn()
+            _sync(device)
+            t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        t2 = time.perf_counter()
+        runs.append({**info, "step_ms": (t2 - t0) * 1e3, "optimizer_ms": (t2 - t1) * 1e3,
+                     "mem_before_step_mb": round(base_mb, 1), **_memory_peak(device), "trace": trace})
+    mid = sorted(runs, key=lambda r: r["step_ms"])[len(runs) // 2]
+    out = {k: v for k, v in mid.items() if k != "trace"}
+    out["step_ms_all"] = ";".join(f"{r['step_ms']:.1f}" for r in runs)
+    out.update(mid["trace"].summary())
+    out["_trace"] = mid["trace"]
+    return out
+
+
+def flop_columns(m: dict, shape: flops.DecoderShape, setup: Setup, ckpt: bool, reference: dict,
+                 device_name: str) -> dict:
+    trace = m.pop("_trace")
+    lengths = [n for f in trace.passes(True) for n in f.real_lengths]
+    n_docs = setup.n_queries * setup.docs_per_query
+    model = flops.model_flops(shape, lengths, setup.n_queries, n_docs)
+    hw = flops.hardware_flops(shape, [(f.rows, f.length) for f in trace.passes(False)],
+                              [(f.rows, f.length) for f in trace.passes(True)], ckpt, setup.n_queries, n_docs)
+    sec = m["step_ms"] / 1e3
+    peak = flops.peak_tflops(device_name)
+    cols = {"tokens_per_s": round(m["real_tokens"] / sec, 1), "model_flops": model, "hw_flops": hw["total"],
+            "hw_flops_pass1": hw["pass1"], "hw_flops_recompute": hw["recompute"],
+            "model_tflops_per_s": round(model / sec / 1e12, 3), "hw_tflops_per_s": round(hw["total"] / sec / 1e12, 3),
+            "peak_tflops": peak or "",
+            "mfu": round(model / sec / 1e12 / peak, 4) if peak else "",
+            "hfu": round(hw["total"] / sec / 1e12 / peak, 4) if peak else "",
+            "mfu_vs_matmul": round(model / sec / 1e12 / reference["matmul_tflops"], 4),
+            "hfu_vs_matmul": round(hw["total"] / sec / 1e12 / reference["matmul_tflops"], 4),
+            "step_over_matmul": round(m["step_ms"] / reference["matmul_ms"], 2)}
+    return cols
+
+
+FORMULAS = ("model=sum_seq(4*Pb*n+6*Pl*n+3*A(n))+6*B*N*H; hw=[pass1 fwd]+[pass2 fwd]+[ckpt recompute fwd]+[bwd] "
+            "on padded (rows,len); fwd(n)=2*(Pb+Pl)*n+A(n); bwd(n)=2*Pb*n+4*Pl*n+2*A(n); "
+            "A(n)=4*layers*heads*head_dim*n(n+1)/2; Pb=base linear params, Pl=LoRA params")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+class _Rows:
+    """Rows kept in memory and rewritten to CSV + JSONL after every row (a crash keeps what was measured)."""
+
+    def __init__(self, out_dir: Path, stem: str, env: dict):
+        self.rows, self.env = [], env
+        self.csv, self.jsonl = out_dir / f"{stem}.csv", out_dir / f"{stem}.jsonl"
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self.jsonl.write_text("")
+
+    def add(self, row: dict):
+        row = {**row, **self.env}
+        self.rows.append(row)
+        common.write_csv(self.rows, self.csv)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        keys = ("system", "lever", "status", "step_ms", "tokens_per_s", "hfu", "hfu_vs_matmul", "peak_mem_mb")
+        print("e2e " + "  ".join(f"{k}={row[k]}" for k in keys if k in row), file=sys.stderr, flush=True)
+
+
+def _free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(device: str = "cpu", out_dir: str | Path = "bench/results", quick: bool = False, *, part: str = "e2e",
+        model_cache: str | Path | None = None, budget_s: float | None = None, levers: list[str] | None = None,
+        setup: Setup | None = None, plant: dict | None = None, progress: bool = True) -> list[dict]:
+    """Run the headline step, the peer and the levers of `part` ("e2e" or "e2e_big"); return the rows.
+    `plant` injects a known regression for the check's own test ({"pad_global": True} or {"slow_layers": k})."""
+    t_start = time.monotonic()
+    out_dir = Path(out_dir)
+    setup = setup or setup_for(part, device, quick)
+    tag = "cuda" if device == "cuda" else "cpu"
+    model_dir = models.random_model_dir(setup.shape, Path(model_cache or Path.home() / ".cache/embforge/bench")
+                                        / f"mistral-{setup.shape}-{tag}", device)
+    init_s = time.monotonic() - t_start
+    reference = common.reference_matmul(device)
+    env = {**common.env_columns(device), **{k: round(v, 4) if isinstance(v, float) else v
+                                            for k, v in reference.items()}}
+    rows = _Rows(out_dir, f"{part}_{tag}", env)
+    hf_cfg = models.mistral_config(setup.shape)
+    n_docs = setup.n_queries * setup.docs_per_query
+    texts = synthetic.make_batch_texts(setup.n_queries, setup.docs_per_query, setup.lengths, hf_cfg.vocab_size)
+    warm = (synthetic.make_batch_texts(setup.warmup_queries, setup.docs_per_query, setup.lengths,
+                                       hf_cfg.vocab_size, seed=1) if setup.warmup_queries else None)
+    global_len = 1 + max(len(t.split()) for t in texts[2])  # the step's longest document + EOS
+    chosen = levers_for(setup, device, quick) if part == "e2e" else [Lever("baseline")]
+    if levers:
+        chosen = [lv for lv in chosen if lv.name in levers]
+    plant = plant or {}
+    held = {"key": None, "obj": None}
+
+    def system_for(lever: Lever):
+        key = (lever.system, lever.quantization or setup.quantization, _ckpt(setup, lever), lever.liger,
+               lever.compile_layers)
+        if held["key"] == key:
+            return held["obj"]
+        held["key"] = held["obj"] = None
+        _free(device)
+        if lever.liger:
+            from liger_kernel.transformers import apply_liger_kernel_to_mistral
+            apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                          fused_linear_cross_entropy=False)
+        if lever.system == "embforge":
+            obj = load_embedder(model_dir, setup, lever, device)
+        else:
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            obj = peer.build_st_model(model_dir, device=device, dtype=dtype,
+                                      quantization=lever.quantization or setup.quantization,
+                                      gradient_checkpointing=_ckpt(setup, lever), max_length=setup.max_length,
+                                      lora_r=setup.lora_r)
+        if lever.compile_layers:
+            for layer in find_decoder(obj).layers:
+                layer.compile(dynamic=True)
+        if plant.get("slow_layers"):
+            _plant_slow_layers(obj, int(plant["slow_layers"]))
+        held["key"], held["obj"] = key, obj
+        return obj
+
+    for lever in chosen:
+        base = {"part": part, "setup": setup.name, "system": lever.system, "lever": lever.name,
+                "n_queries": setup.n_queries, "n_docs": n_docs, "max_length": setup.max_length,
+                "chunk_tokens": lever.chunk_tokens or setup.chunk_tokens,
+                "peer_mini_batch": setup.peer_mini_batch if lever.system != "embforge" else "",
+                "quantization": lever.quantization or setup.quantization, "grad_ckpt": _ckpt(setup, lever),
+                "lora_r": setup.lora_r, "model_init_s": round(init_s, 1)}
+        if budget_s is not None and time.monotonic() - t_start > budget_s:
+            rows.add({**base, "status": f"skipped: time budget {budget_s:.0f}s spent"})
+            continue
+        tracker = None
+        t_lever = time.monotonic()
+        try:
+            obj = system_for(lever)
+            load_s = time.monotonic() - t_lever
+            pad_to = global_len if (lever.pad_global or plant.get("pad_global")) else None
+            tracker = Tracker(obj, track_saved=device != "cuda", pad_global_to=pad_to)
+            if lever.system == "embforge":
+                step, warm_step = (ours_step(obj, texts, setup, lever),
+                                   ours_step(obj, warm, setup, lever) if warm else None)
+                params = list(obj.trainable_parameters())
+            else:
+                step, warm_step = (peer_step(obj, texts, setup, lever, device),
+                                   peer_step(obj, warm, setup, lever, device) if warm else None)
+                params = peer.trainable_parameters(obj)
+            m = measure(step, params, device, tracker, setup.steps, warm_step)
+            cols = flop_columns(m, flops.DecoderShape.from_hf_config(hf_cfg, setup.lora_r), setup,
+                                _ckpt(setup, lever), reference, env["device"])
+            rows.add({**base, "status": "ok", "load_s": round(load_s, 1),
+                      "lever_s": round(time.monotonic() - t_lever, 1), **m, **cols, "formulas": FORMULAS})
+        except torch.OutOfMemoryError as e:
+            rows.add({**base, "status": f"oom: {str(e).splitlines()[0][:200]}"})
+        except Exception as e:  # noqa: BLE001 -- one broken lever must not lose the other rows
+            traceback.print_exc(file=sys.stderr)
+            rows.add({**base, "status": f"error: {type(e).__name__}: {e}"[:300]})
+        finally:
+            if tracker is not None:
+                tracker.remove()
+            if lever.compile_layers and held["obj"] is not None:
+                held["key"] = held["obj"] = None  # never reuse compiled layers for another lever
+            _free(device)
+    held["obj"] = None
+    _free(device)
+    _add_ratios(rows.rows)
+    common.write_csv(rows.rows, rows.csv)
+    plot(rows.rows, out_dir / f"{part}_{tag}.png")
+    return rows.rows
+
+
+def _add_ratios(rows: list[dict]):
+    """speedup_vs_peer on the embforge baseline row: peer step time over ours at the same data and batch, and the
+    same against the best peer configuration measured."""
+    ok = {r["lever"]: r for r in rows if r.get("status") == "ok"}
+    ours = ok.get("baseline")
+    peers = [r for r in ok.values() if r["system"] == "sentence-transformers"]
+    if not ours:
+        return
+    for r in rows:
+        if r.get("status") == "ok":
+            r["speedup_vs_baseline"] = round(ours["step_ms"] / r["step_ms"], 3)
+    if "peer" in ok:
+        ours["speedup_vs_peer"] = round(ok["peer"]["step_ms"] / ours["step_ms"], 3)
+        ours["tokens_per_s_ratio_vs_peer"] = round(ours["tokens_per_s"] / ok["peer"]["tokens_per_s"], 3)
+    if peers:
+        ours["speedup_vs_best_peer"] = round(min(p["step_ms"] for p in peers) / ours["step_ms"], 3)
+
+
+def _plant_slow_layers(obj, factor: int):
+    """Test hook: make every decoder layer run `factor` times (outputs of the extra runs discarded, no grad) --
+    a known, sizeable slowdown that the check must catch."""
+    for layer in find_decoder(obj).layers:
+        orig = layer.forward
+
+        def slow(*a, _orig=orig, **k):
+            with torch.no_grad():
+                for _ in range(factor - 1):
+                    _orig(*a, **k)
+            return _orig(*a, **k)
+        layer.forward = slow
+
+
+def plot(rows: list[dict], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    names = [f"{r['lever']}" for r in ok]
+    axes[0].barh(names, [r["tokens_per_s"] for r in ok],
+                 color=["tab:orange" if r["system"] != "embforge" else "tab:blue" for r in ok])
+    axes[0].set_xlabel("tokens/s (real tokens, step incl. optimizer)")
+    left = [0.0] * len(ok)
+    for key, color in (("pass1_ms", "tab:green"), ("loss_ms", "tab:red"), ("pass2_ms", "tab:purple"),
+                       ("optimizer_ms", "tab:gray")):
+        vals = [float(r.get(key) or 0) / 1e3 for r in ok]
+        axes[1].barh(names, vals, left=left, color=color, label=key[:-3])
+        left = [a + b for a, b in zip(left, vals)]
+    rest = [float(r["step_ms"]) / 1e3 - lft for r, lft in zip(ok, left)]
+    axes[1].barh(names, [max(0.0, x) for x in rest], left=left, color="lightgray", label="other / unsplit")
+    axes[1].set_xlabel("seconds per step")
+    axes[1].legend(fontsize=7)
+    r0 = ok[0]
+    fig.suptitle(f"GradCache step {r0['setup']} ({r0['n_queries']} q + {r0['n_docs']} d) on {r0['device']} "
+                 f"({r0['date'][:10]}, {r0['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def setup_dict(setup: Setup) -> dict:
+    return dataclasses.asdict(setup)

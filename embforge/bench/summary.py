@@ -1,0 +1,54 @@
+"""Turn each part's rows into named, typed metrics (see check.py for the kinds) for the summary and the check."""
+from __future__ import annotations
+
+from embforge.bench.check import metric
+
+# counts that follow from the data, the chunking and the model: identical on any machine
+_E2E_EXACT = {"real_tokens": "equal", "model_flops": "equal", "chunks_pass1": "lower", "chunks_pass2": "lower",
+              "padded_tokens_pass1": "lower", "padded_tokens_pass2": "lower", "hw_flops": "lower"}
+
+
+def _ok(rows):
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _num(v):
+    return float(v) if v not in (None, "") else None
+
+
+def e2e_metrics(part: str, rows: list[dict]) -> dict:
+    out = {}
+    for r in _ok(rows):
+        key = f"{part}/{r['lever']}"
+        for col, better in _E2E_EXACT.items():
+            out[f"{key}/{col}"] = metric(int(r[col]), "exact", better)
+        if _num(r.get("saved_act_peak_mb")):
+            out[f"{key}/saved_act_peak_mb"] = metric(_num(r["saved_act_peak_mb"]), "bytes", "lower")
+        out[f"{key}/peak_mem_mb"] = metric(_num(r["peak_mem_mb"]), "memory", "lower")
+        out[f"{key}/step_over_matmul"] = metric(_num(r["step_over_matmul"]), "time", "lower")
+        for ratio in ("speedup_vs_peer",):
+            if _num(r.get(ratio)):
+                out[f"{key}/{ratio}"] = metric(_num(r[ratio]), "time", "higher")
+    return out
+
+
+def kernel_metrics(part: str, rows: list[dict], matmul_ms: float) -> dict:
+    """InfoNCE / pooling rows: time over the same-run matmul, and peak memory where measured."""
+    out = {}
+    for r in _ok(rows) if part == "kernels" else [r for r in rows if _num(r.get("median_ms"))]:
+        shape = "x".join(str(r[k]) for k in ("B", "N", "T", "H") if k in r)
+        key = f"{part}/{r['kernel']}/{r['provider']}/{r['mode']}/{shape}/{r.get('dtype', '')}"
+        out[f"{key}/time_over_matmul"] = metric(round(_num(r["median_ms"]) / matmul_ms, 4), "time", "lower")
+        if _num(r.get("peak_mem_mb")):
+            out[f"{key}/peak_mem_mb"] = metric(_num(r["peak_mem_mb"]), "memory", "lower")
+    return out
+
+
+def step_memory_metrics(rows: list[dict]) -> dict:
+    out = {}
+    for r in _ok(rows):
+        key = f"step_memory/batch{r['effective_batch']}"
+        out[f"{key}/padded_tokens_pass2"] = metric(int(r["padded_tokens_pass2"]), "exact", "lower")
+        out[f"{key}/saved_act_peak_mb"] = metric(_num(r["saved_act_peak_mb"]), "bytes", "lower")
+        out[f"{key}/peak_rss_mb"] = metric(_num(r["peak_rss_mb"]), "memory", "lower")
+    return out
