@@ -1,7 +1,6 @@
 """`embforge synth generate` against a real loopback HTTP server that injects faults."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -59,10 +58,13 @@ def first_try_faults(plan: dict[int, str]):
 def test_faults_are_survived_and_every_request_is_accounted_for(tmp_path):
     faults = first_try_faults({2: "429", 5: "500", 7: "stall", 9: "malformed", 11: "badjson", 13: "length",
                                15: "refusal", 17: "500", 18: "429"})
+    # Many equally likely "languages" make every prompt text distinct, so a prompt identifies one request below.
+    many_languages = {f"Language{i}": 1.0 for i in range(5000)}
     with FakeLLM(faults, stall=2.0, retry_after="0.3") as fake:
-        report = run_generate(cfg_for(fake, tmp_path))
+        report = run_generate(cfg_for(fake, tmp_path, languages=many_languages))
         log = fake.log
     recs = check_output(tmp_path)
+    assert len(set(fake.prompts())) == 4 + 24
     assert report["stop_reason"] == "complete" and report["pending_requests"] == 0
     planned = sum(report["examples_planned"].values())
     assert planned == 6 * 2 * 2

@@ -1,7 +1,6 @@
 """Unit tests of the synth building blocks: JSON extraction, templates, sampling, ids, validation, cost, store."""
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 

@@ -20,8 +20,8 @@ from embforge.bench import synthetic
 SHAPES = {
     "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=32000),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                  intermediate_size=896, vocab_size=4096),
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                  intermediate_size=448, vocab_size=2048),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                  intermediate_size=224, vocab_size=512),
 }

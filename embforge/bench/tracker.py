@@ -2,8 +2,9 @@
 
 Hooks sit on the HF decoder (the module with `embed_tokens` and `layers`), wherever the trainer or the peer wrapped
 it (peft, sentence-transformers), so both systems are measured by the same ruler:
-- every decoder forward: (rows, padded length), the real length of each row (its attention-mask sum), and whether
-  grad was on (pass 2) or off (pass 1);
+- every decoder forward, seen at its embedding lookup (sentence-transformers calls the decoder's forward method
+  directly, past module hooks; the lookup inside it goes through them): (rows, padded length) and whether grad was
+  on (pass 2) or off (pass 1);
 - optionally the bytes autograd saves for backward per pass-2 chunk (deduplicated by storage): the activation memory
   of a chunk, exact and machine-independent, which is what the CPU regression check compares;
 - optionally a "pad every chunk to the step's longest sequence" lever, the padding that length-sorted chunks avoid.
@@ -33,7 +34,6 @@ def _ids_and_mask(args, kwargs):
 class Forward:
     rows: int
     length: int
-    real_lengths: list[int]
     grad: bool
 
 
@@ -47,8 +47,7 @@ class StepTrace:
 
     def summary(self) -> dict:
         p1, p2 = self.passes(False), self.passes(True)
-        real = [n for f in p2 for n in f.real_lengths]
-        return {"chunks_pass1": len(p1), "chunks_pass2": len(p2), "seqs": len(real), "real_tokens": sum(real),
+        return {"chunks_pass1": len(p1), "chunks_pass2": len(p2), "seqs_pass2": sum(f.rows for f in p2),
                 "padded_tokens_pass1": sum(f.rows * f.length for f in p1),
                 "padded_tokens_pass2": sum(f.rows * f.length for f in p2),
                 "max_chunk_padded_tokens": max((f.rows * f.length for f in p2), default=0),
@@ -66,10 +65,11 @@ class Tracker:
         self._weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]
                          if t.device.type != "meta"}
         self._handles = []
+        self.pads_applied = 0
         if pad_global_to:
             self._handles.append(self.decoder.register_forward_pre_hook(self._pad, with_kwargs=True))
             self._handles.append(self.decoder.register_forward_hook(self._unpad, with_kwargs=True))
-        self._handles.append(self.decoder.register_forward_pre_hook(self._record, with_kwargs=True))
+        self._handles.append(self.decoder.embed_tokens.register_forward_pre_hook(self._record))
 
     def remove(self):
         for h in self._handles:
@@ -79,14 +79,10 @@ class Tracker:
     def reset(self):
         self.trace = StepTrace()
 
-    def _record(self, module, args, kwargs):
-        ids, mask = _ids_and_mask(args, kwargs)
-        if ids is None:
-            raise RuntimeError("tracker: the decoder was called without input_ids")
-        rows, length = ids.shape
-        real = mask.sum(1).tolist() if mask is not None else [length] * rows
+    def _record(self, module, args):
+        rows, length = args[0].shape
         grad = torch.is_grad_enabled()
-        self.trace.forwards.append(Forward(rows, length, [int(n) for n in real], grad))
+        self.trace.forwards.append(Forward(rows, length, grad))
         if grad and self.track_saved:
             self.trace.chunk_saved_bytes.append(0)  # a new chunk's graph starts: the previous one is gone
             self._storages = set()
@@ -104,6 +100,7 @@ class Tracker:
         for key in ("position_ids", "cache_position"):
             kwargs.pop(key, None)  # derived from the new length by the model
         module._embforge_cut = extra
+        self.pads_applied += 1
         return (), kwargs
 
     def _unpad(self, module, args, kwargs, output):

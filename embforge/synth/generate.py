@@ -164,6 +164,13 @@ class Generator:
             self.records.close()
         return report
 
+    def _mode_used(self) -> str:
+        """The negotiated output mode; a run that sent nothing reports the mode its predecessor ended with."""
+        if sum(self.runner.counts.values()) or self.cfg.batch.enabled:
+            return self.client.mode
+        modes = [e.get("mode") for e in self.ledger.latest.values() if e.get("mode")]
+        return modes[-1] if modes else self.client.mode
+
     def report(self, brainstorms, tasks, examples, elapsed: float) -> dict:
         led = self.ledger
         ex_ids = {r.id for r in examples}
@@ -175,7 +182,7 @@ class Generator:
         pending = sum(1 for r in brainstorms + examples if not led.finished(r.id))
         report = {
             "out": str(self.out), "model": self.cfg.model, "base_url": redact_url(self.cfg.base_url),
-            "structured_output": self.client.mode, "seed": self.cfg.seed, "elapsed_s": round(elapsed, 2),
+            "structured_output": self._mode_used(), "seed": self.cfg.seed, "elapsed_s": round(elapsed, 2),
             "stop_reason": self.runner.stop_reason or ("complete" if pending == 0 else "incomplete"),
             "fatal_error": self.runner.fatal, "resumed_finished_requests": self.resumed,
             "requests_this_run": dict(self.run_counts), "pending_requests": pending,

@@ -75,7 +75,7 @@ class Runner:
                     return
                 finally:
                     self.budget.release(reserve + sum(extra))
-                self.counts[res.status if res.status != "ok" else "ok"] += 1
+                self.counts[res.status] += 1
                 handle(req, res)
                 bar.update(1, cost=f"${self.budget.tracker.total_usd:.4f}", **self.counts)
 

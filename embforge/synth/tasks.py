@@ -113,5 +113,8 @@ def output_schema(task: TaskType) -> dict:
             "required": list(task.output_keys), "additionalProperties": False}
 
 
-BRAINSTORM_SCHEMA = {"type": "object", "properties": {"tasks": {"type": "array", "items": {"type": "string"}}},
+# minItems makes grammar-constrained servers (llama.cpp) produce at least one task: small models otherwise
+# happily emit {"tasks": []}. OpenAI's structured outputs accept minItems too.
+BRAINSTORM_SCHEMA = {"type": "object",
+                     "properties": {"tasks": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
                      "required": ["tasks"], "additionalProperties": False}
