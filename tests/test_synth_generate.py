@@ -221,3 +221,18 @@ def test_batch_interrupted_while_polling_is_collected_not_resubmitted(tmp_path):
         assert len(fake.batches) == 1, "the rerun paid for the same requests twice"
     assert report["stop_reason"] == "complete" and len(check_output(tmp_path)) == 4
     assert not (tmp_path / "data.batch-examples.json").exists()
+
+
+def test_generated_file_feeds_the_trainer_reader_unchanged(tmp_path):
+    data = pytest.importorskip("embforge.engine.data", reason="the engine's data reader is not available")
+    if not hasattr(data, "read_examples"):
+        pytest.skip("embforge.engine.data has no read_examples yet")
+    with FakeLLM() as fake:
+        run_generate(cfg_for(fake, tmp_path))
+    recs = check_output(tmp_path)
+    examples = list(data.read_examples(tmp_path / "data.jsonl"))
+    assert len(examples) == len(recs)
+    for ex, rec in zip(examples, recs):
+        assert (ex.instruction, ex.query, ex.positive, list(ex.negatives)) == \
+            (rec["instruction"], rec["query"], rec["positive"], rec["negatives"])
+        assert ex.task_type == rec["task_type"] and ex.language == rec["language"]

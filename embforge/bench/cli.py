@@ -80,7 +80,7 @@ def run_parts(args, device: str) -> dict:
     reference = common.reference_matmul(device)
     slug = common.device_slug(device)
     result = {"device_slug": slug, **common.env_columns(device), "quick": args.quick, "parts": parts,
-              "parts_ok": [], "part_errors": {}, "config": {}, "reference": reference, "metrics": {}}
+              "parts_ok": [], "part_errors": {}, "config": {}, "attempted": {}, "reference": reference, "metrics": {}}
     if slug == "cpu":
         result["min_time_tolerance"] = 0.6  # 2 shared cores: see docs/bench.md for the measured spread
     kernel_quick = args.quick or device == "cuda"
@@ -103,7 +103,8 @@ def run_parts(args, device: str) -> dict:
                 rows = e2e.run(device, out_dir, args.quick, part=part, model_cache=args.model_cache,
                                budget_s=budget, levers=levers)
                 metrics = summary.e2e_metrics(part, rows)
-                config = {**e2e.setup_dict(e2e.setup_for(part, device, args.quick)), "levers": levers}
+                config = e2e.setup_dict(e2e.setup_for(part, device, args.quick))
+                result["attempted"][part] = [r["lever"] for r in rows]
                 if not any(r.get("status") == "ok" for r in rows):
                     raise RuntimeError("no e2e configuration ran: " + "; ".join(r["status"] for r in rows))
             else:  # step_memory

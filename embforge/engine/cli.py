@@ -1,0 +1,104 @@
+"""`embforge train | encode | export`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    t = subparsers.add_parser("train", help="contrastive fine-tuning (GradCache, QLoRA) from a YAML config")
+    t.add_argument("--config", required=True, help="YAML mapped onto TrainConfig (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed training lines")
+    t.set_defaults(func=cmd_train)
+
+    e = subparsers.add_parser("encode", help="embed texts with a trained model")
+    e.add_argument("--model", required=True, help="an embforge model folder (output_dir/final or an export)")
+    e.add_argument("texts", nargs="*", help="texts to embed (or --file)")
+    e.add_argument("--file", help="one text per line, or JSONL with a 'text' field")
+    e.add_argument("--instruction", help="embed as queries with this task instruction")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--out", required=True, help=".pt (tensor) or .jsonl (one embedding per line)")
+    e.set_defaults(func=cmd_encode)
+
+    x = subparsers.add_parser("export", help="write adapter (+ merged model) of a trained run")
+    x.add_argument("--model", required=True, help="output_dir/final of a run")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true", help="also write the base model with LoRA merged in")
+    x.set_defaults(func=cmd_export)
+
+
+def cmd_train(args) -> int:
+    from embforge.config import ConfigError, load_config
+    from embforge.engine.data import DataError
+    from embforge.engine.train import TrainConfig, train
+
+    overrides = list(args.set) + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
+    try:
+        cfg = load_config(TrainConfig, args.config, overrides)
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"embforge train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"final_loss": result["losses"][-1], "steps": len(result["losses"]),
+                      "eval": result["eval"]}, indent=2))
+    return 0
+
+
+def _read_texts(args) -> list[str]:
+    texts = list(args.texts)
+    if args.file:
+        for n, line in enumerate(Path(args.file).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if args.file.endswith(".jsonl"):
+                rec = json.loads(line)
+                if "text" not in rec:
+                    raise ValueError(f"{args.file}:{n}: missing field 'text'")
+                texts.append(rec["text"])
+            else:
+                texts.append(line)
+    if not texts:
+        raise ValueError("no texts given (positional texts or --file)")
+    return texts
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from embforge.engine.model import Embedder
+    try:
+        texts = _read_texts(args)
+        emb = Embedder.from_pretrained(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"embforge encode: error: {e}", file=sys.stderr)
+        return 2
+    vecs = emb.encode(texts, instruction=args.instruction, batch_size=args.batch_size, progress=True)
+    if args.out.endswith(".jsonl"):
+        with open(args.out, "w") as f:
+            for t, v in zip(texts, vecs.tolist()):
+                f.write(json.dumps({"text": t, "embedding": v}) + "\n")
+    else:
+        torch.save(vecs, args.out)
+    print(f"wrote {len(texts)} embeddings of dim {vecs.shape[1]} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    from embforge.engine.model import Embedder
+    emb = Embedder.from_pretrained(args.model, device="cpu")
+    out = emb.save_pretrained(args.out)
+    if args.merge:
+        merged = emb.model.merge_and_unload()
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        emb.tokenizer.save_pretrained(out / "merged")
+        meta = json.loads((out / "embforge_config.json").read_text())
+        meta["merged"] = True
+        (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+    print(f"exported to {out}", file=sys.stderr)
+    return 0
