@@ -284,9 +284,22 @@ def _free(device):
 
 def run(device: str = "cpu", out_dir: str | Path = "bench/results", quick: bool = False, *, part: str = "e2e",
         model_cache: str | Path | None = None, budget_s: float | None = None, levers: list[str] | None = None,
-        setup: Setup | None = None, plant: dict | None = None, progress: bool = True) -> list[dict]:
+        setup: Setup | None = None, plant: dict | None = None) -> list[dict]:
     """Run the headline step, the peer and the levers of `part` ("e2e" or "e2e_big"); return the rows.
     `plant` injects a known regression for the check's own test ({"pad_global": True} or {"slow_layers": k})."""
+    if torch.device(device).type == "cpu":
+        # One thread on CPU: on shared cores OpenMP's worker barriers turn other processes' load into 10-100x
+        # slowdowns of the same step (seen here: 0.5 s and 58 s); a single thread only loses its share of the core.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, plant)
+        finally:
+            torch.set_num_threads(threads)
+    return _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, plant)
+
+
+def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, plant) -> list[dict]:
     t_start = time.monotonic()
     out_dir = Path(out_dir)
     setup = setup or setup_for(part, device, quick)
@@ -295,7 +308,7 @@ def run(device: str = "cpu", out_dir: str | Path = "bench/results", quick: bool 
                                         / f"mistral-{setup.shape}-{tag}", device)
     init_s = time.monotonic() - t_start
     reference = common.reference_matmul(device)
-    env = {**common.env_columns(device), **{k: round(v, 4) if isinstance(v, float) else v
+    env = {**common.env_columns(device), "threads": torch.get_num_threads(), **{k: round(v, 4) if isinstance(v, float) else v
                                             for k, v in reference.items()}}
     rows = _Rows(out_dir, f"{part}_{tag}", env)
     hf_cfg = models.mistral_config(setup.shape)
