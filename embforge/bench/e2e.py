@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from embforge.bench import common, flops, models, peer, synthetic
-from embforge.bench.tracker import Tracker, find_decoder
+from embforge.bench.levers import Lever, apply_lever, levers_for, plant_slow_layers
+from embforge.bench.plots import plot
+from embforge.bench.tracker import Tracker
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 
@@ -67,38 +69,6 @@ def setup_for(part: str, device: str, quick: bool = False) -> Setup:
                  quantization="none")
 
 
-@dataclass(frozen=True)
-class Lever:
-    name: str                      # "baseline" or what changed, e.g. "grad_ckpt=off"
-    system: str = "embforge"       # or "sentence-transformers"
-    quantization: str | None = None
-    gradient_checkpointing: bool | None = None
-    chunk_tokens: int | None = None
-    pad_global: bool = False
-    compile_layers: bool = False
-    liger: bool = False
-    peer_token_budget: bool = False
-    cuda_only: bool = False
-
-
-def levers_for(setup: Setup, device: str, quick: bool) -> list[Lever]:
-    """Priority order (the GPU budget may cut the tail). Liger is last: it patches transformers' Mistral module."""
-    other_base = "none" if setup.quantization == "nf4" else "nf4"
-    out = [Lever("baseline"),
-           Lever("chunks=padded_global", pad_global=True),
-           Lever("peer", system="sentence-transformers"),
-           Lever("grad_ckpt=off", gradient_checkpointing=False, chunk_tokens=setup.chunk_tokens_no_ckpt),
-           Lever(f"base={'bf16' if other_base == 'none' else 'nf4'}", quantization=other_base),
-           Lever("peer=mini_batch_num_tokens", system="sentence-transformers", peer_token_budget=True),
-           Lever("compile=decoder_layers", compile_layers=True, cuda_only=True),
-           Lever("liger=rmsnorm+rope+swiglu", liger=True, cuda_only=True)]
-    if device != "cuda":
-        out = [lv for lv in out if not lv.cuda_only]
-        if quick:  # the CI check: the headline, the peer and the two levers that need no reload of a 4-bit model
-            out = [lv for lv in out if lv.name in ("baseline", "chunks=padded_global", "peer", "grad_ckpt=off")]
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ systems
 
 def load_embedder(model_dir, setup: Setup, lever: Lever, device: str):
@@ -119,7 +89,8 @@ def _ckpt(setup: Setup, lever: Lever) -> bool:
 
 
 def _seconds_to_ms(timings: dict) -> dict:
-    return {f"{k}_ms": round(float(v) * 1e3, 3) for k, v in (timings or {}).items()}
+    """The engine's own perf_counter split (not synchronized on CUDA: kept beside the tracker's event split)."""
+    return {f"engine_{k}_ms": round(float(v) * 1e3, 3) for k, v in (timings or {}).items()}
 
 
 def ours_step(embedder, texts, setup: Setup, lever: Lever):
@@ -131,7 +102,7 @@ def ours_step(embedder, texts, setup: Setup, lever: Lever):
     def step() -> dict:
         r = contrastive_step(embedder, batch, temperature=setup.temperature, chunk_tokens=chunk_tokens)
         return {"loss": float(r.loss), "engine_chunks": r.n_chunks, "engine_tokens": r.tokens,
-                **_seconds_to_ms(r.timings)}
+                "engine_padded_tokens": getattr(r, "padded_tokens", ""), **_seconds_to_ms(r.timings)}
     return step
 
 
@@ -188,16 +159,14 @@ def measure(step_fn, params, device: str, tracker: Tracker, n_steps: int, warmup
         with tracker.step() as trace:
             t0 = time.perf_counter()
             info = step_fn()
-            _sync(device)
-            t1 = time.perf_counter()
+            tracker.mark("end")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        tracker.mark("optimizer_end")
         _sync(device)
-        t2 = time.perf_counter()
-        step_ms = (t2 - t0) * 1e3
-        runs.append({**info, "step_ms": step_ms, "optimizer_ms": (t2 - t1) * 1e3,
-                     "matmul_ms_before": ref_ms, "mem_before_step_mb": round(base_mb, 1),
-                     **_memory_peak(device), "trace": trace})
+        step_ms = (time.perf_counter() - t0) * 1e3
+        runs.append({**info, "step_ms": step_ms, **tracker.split_ms(), "matmul_ms_before": ref_ms,
+                     "mem_before_step_mb": round(base_mb, 1), **_memory_peak(device), "trace": trace})
     mid = sorted(runs, key=lambda r: r["step_ms"])[len(runs) // 2]
     out = {k: v for k, v in mid.items() if k not in ("trace", "matmul_ms_before")}
     out["step_ms_all"] = ";".join(f"{r['step_ms']:.1f}" for r in runs)
@@ -239,8 +208,8 @@ def flop_columns(m: dict, lengths: list[int], shape: flops.DecoderShape, setup: 
                               [(f.rows, f.length) for f in trace.passes(True)], ckpt, setup.n_queries, n_docs)
     sec = m["step_ms"] / 1e3
     peak = flops.peak_tflops(device_name)
-    cols = {"real_tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / sec, 1), "model_flops": model, "hw_flops": hw["total"],
-            "hw_flops_pass1": hw["pass1"], "hw_flops_recompute": hw["recompute"],
+    cols = {"real_tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / sec, 1), "model_flops": model,
+            "hw_flops": hw["total"], "hw_flops_pass1": hw["pass1"], "hw_flops_recompute": hw["recompute"],
             "model_tflops_per_s": round(model / sec / 1e12, 3), "hw_tflops_per_s": round(hw["total"] / sec / 1e12, 3),
             "peak_tflops": peak or "",
             "mfu": round(model / sec / 1e12 / peak, 4) if peak else "",
@@ -250,9 +219,10 @@ def flop_columns(m: dict, lengths: list[int], shape: flops.DecoderShape, setup: 
     return cols
 
 
-FORMULAS = ("model=sum_seq(4*Pb*n+6*Pl*n+3*A(n))+6*B*N*H; hw=[pass1 fwd]+[pass2 fwd]+[ckpt recompute fwd]+[bwd] "
-            "on padded (rows,len); fwd(n)=2*(Pb+Pl)*n+A(n); bwd(n)=2*Pb*n+4*Pl*n+2*A(n); "
-            "A(n)=4*layers*heads*head_dim*n(n+1)/2; Pb=base linear params, Pl=LoRA params")
+FORMULAS = ("model=sum_seq(fwd(n)+bwd(n))+6*B*N*H at real n; hw=[pass1 fwd]+[pass2 fwd]+[ckpt recompute fwd]+[bwd] "
+            "on padded (rows,len); fwd(n)=2*(Pb+Pl)*n+A(n); bwd(n)=2*Pb*n+4*Pl*n+2*A(n)-2*n*Q1; "
+            "A(n)=4*layers*heads*head_dim*n(n+1)/2; Pb=base linear params, Pl=LoRA params, "
+            "Q1=first layer q,k,v base+LoRA-A params (no input grad: frozen embedding)")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -308,8 +278,8 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
                                         / f"mistral-{setup.shape}-{tag}", device)
     init_s = time.monotonic() - t_start
     reference = common.reference_matmul(device)
-    env = {**common.env_columns(device), "threads": torch.get_num_threads(), **{k: round(v, 4) if isinstance(v, float) else v
-                                            for k, v in reference.items()}}
+    env = {**common.env_columns(device), "threads": torch.get_num_threads(),
+           **{k: round(v, 4) if isinstance(v, float) else v for k, v in reference.items()}}
     rows = _Rows(out_dir, f"{part}_{tag}", env)
     hf_cfg = models.mistral_config(setup.shape)
     n_docs = setup.n_queries * setup.docs_per_query
@@ -323,34 +293,23 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
     if levers:
         chosen = [lv for lv in chosen if lv.name in levers]
     plant = plant or {}
-    held = {"key": None, "obj": None}
+    systems: dict = {}  # (system, base weights) -> loaded model, reused by the levers that only toggle something
+    shape = flops.DecoderShape.from_hf_config(hf_cfg, setup.lora_r)
 
     def system_for(lever: Lever):
-        key = (lever.system, lever.quantization or setup.quantization, _ckpt(setup, lever), lever.liger,
-               lever.compile_layers)
-        if held["key"] == key:
-            return held["obj"]
-        held["key"] = held["obj"] = None
-        _free(device)
-        if lever.liger:
-            from liger_kernel.transformers import apply_liger_kernel_to_mistral
-            apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                          fused_linear_cross_entropy=False)
-        if lever.system == "embforge":
-            obj = load_embedder(model_dir, setup, lever, device)
-        else:
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            obj = peer.build_st_model(model_dir, device=device, dtype=dtype,
-                                      quantization=lever.quantization or setup.quantization,
-                                      gradient_checkpointing=_ckpt(setup, lever), max_length=setup.max_length,
-                                      lora_r=setup.lora_r)
-        if lever.compile_layers:
-            for layer in find_decoder(obj).layers:
-                layer.compile(dynamic=True)
-        if plant.get("slow_layers"):
-            _plant_slow_layers(obj, int(plant["slow_layers"]))
-        held["key"], held["obj"] = key, obj
-        return obj
+        key = (lever.system, lever.quantization or setup.quantization)
+        if key not in systems:
+            if lever.system == "embforge":
+                obj = load_embedder(model_dir, setup, lever, device)
+            else:
+                dtype = torch.bfloat16 if device == "cuda" else torch.float32
+                obj = peer.build_st_model(model_dir, device=device, dtype=dtype, quantization=key[1],
+                                          gradient_checkpointing=setup.gradient_checkpointing,
+                                          max_length=setup.max_length, lora_r=setup.lora_r)
+            if plant.get("slow_layers"):
+                plant_slow_layers(obj, int(plant["slow_layers"]))
+            systems[key] = obj
+        return systems[key]
 
     for lever in chosen:
         base = {"part": part, "setup": setup.name, "system": lever.system, "lever": lever.name,
@@ -362,13 +321,13 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
         if budget_s is not None and time.monotonic() - t_start > budget_s:
             rows.add({**base, "status": f"skipped: time budget {budget_s:.0f}s spent"})
             continue
-        tracker = None
+        tracker, undo = None, []
         t_lever = time.monotonic()
         try:
             obj = system_for(lever)
             load_s = time.monotonic() - t_lever
-            pad_to = global_len if (lever.pad_global or plant.get("pad_global")) else None
-            tracker = Tracker(obj, track_saved=device != "cuda", pad_global_to=pad_to)
+            apply_lever(obj, lever, setup, global_len, plant, undo)
+            tracker = Tracker(obj, track_saved=device != "cuda")
             if lever.system == "embforge":
                 step, warm_step = (ours_step(obj, texts, setup, lever),
                                    ours_step(obj, warm, setup, lever) if warm else None)
@@ -378,10 +337,7 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
                                    peer_step(obj, warm, setup, lever, device) if warm else None)
                 params = peer.trainable_parameters(obj)
             m = measure(step, params, device, tracker, setup.steps, warm_step)
-            if pad_to and not tracker.pads_applied:
-                raise RuntimeError("the padding lever's hook never ran: the decoder was not called as a module")
-            cols = flop_columns(m, lengths, flops.DecoderShape.from_hf_config(hf_cfg, setup.lora_r), setup,
-                                _ckpt(setup, lever), reference, env["device"])
+            cols = flop_columns(m, lengths, shape, setup, _ckpt(setup, lever), reference, env["device"])
             rows.add({**base, "status": "ok", "load_s": round(load_s, 1),
                       "lever_s": round(time.monotonic() - t_lever, 1), **m, **cols, "formulas": FORMULAS})
         except torch.OutOfMemoryError as e:
@@ -392,10 +348,13 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
         finally:
             if tracker is not None:
                 tracker.remove()
-            if lever.compile_layers and held["obj"] is not None:
-                held["key"] = held["obj"] = None  # never reuse compiled layers for another lever
+            for fn in reversed(undo):
+                fn()
+            if lever.quantization or lever.liger or lever.compile_layers:
+                # a one-off base-weight format, or a model patched for good: never reused, memory given back
+                systems.pop((lever.system, lever.quantization or setup.quantization), None)
             _free(device)
-    held["obj"] = None
+    systems.clear()
     _free(device)
     _add_ratios(rows.rows)
     common.write_csv(rows.rows, rows.csv)
@@ -404,8 +363,8 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
 
 
 def _add_ratios(rows: list[dict]):
-    """speedup_vs_peer on the embforge baseline row: peer step time over ours at the same data and batch, and the
-    same against the best peer configuration measured."""
+    """On the embforge baseline row: speedup_vs_peer (the peer's normalized step over ours, same data and batch),
+    tokens_per_s_ratio_vs_peer (medians), speedup_vs_best_peer (against the best peer configuration measured)."""
     ok = {r["lever"]: r for r in rows if r.get("status") == "ok"}
     ours = ok.get("baseline")
     peers = [r for r in ok.values() if r["system"] == "sentence-transformers"]
@@ -415,54 +374,12 @@ def _add_ratios(rows: list[dict]):
         if r.get("status") == "ok":
             r["speedup_vs_baseline"] = round(ours["step_ms"] / r["step_ms"], 3)
     if "peer" in ok and ok["peer"]["tokens_per_s"]:
-        ours["speedup_vs_peer"] = round(ok["peer"]["step_ms"] / ours["step_ms"], 3)
+        # each side's fastest step over the matmul timed beside it (measure()): robust to load that changes
+        # between the two systems' turns; on a quiet GPU it equals the plain ratio of step times
+        ours["speedup_vs_peer"] = round(ok["peer"]["step_over_matmul"] / ours["step_over_matmul"], 3)
         ours["tokens_per_s_ratio_vs_peer"] = round(ours["tokens_per_s"] / ok["peer"]["tokens_per_s"], 3)
     if peers:
         ours["speedup_vs_best_peer"] = round(min(p["step_ms"] for p in peers) / ours["step_ms"], 3)
-
-
-def _plant_slow_layers(obj, factor: int):
-    """Test hook: make every decoder layer run `factor` times (outputs of the extra runs discarded, no grad) --
-    a known, sizeable slowdown that the check must catch."""
-    for layer in find_decoder(obj).layers:
-        orig = layer.forward
-
-        def slow(*a, _orig=orig, **k):
-            with torch.no_grad():
-                for _ in range(factor - 1):
-                    _orig(*a, **k)
-            return _orig(*a, **k)
-        layer.forward = slow
-
-
-def plot(rows: list[dict], path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ok = [r for r in rows if r.get("status") == "ok"]
-    if not ok:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    names = [f"{r['lever']}" for r in ok]
-    axes[0].barh(names, [r["tokens_per_s"] for r in ok],
-                 color=["tab:orange" if r["system"] != "embforge" else "tab:blue" for r in ok])
-    axes[0].set_xlabel("tokens/s (real tokens, step incl. optimizer)")
-    left = [0.0] * len(ok)
-    for key, color in (("pass1_ms", "tab:green"), ("loss_ms", "tab:red"), ("pass2_ms", "tab:purple"),
-                       ("optimizer_ms", "tab:gray")):
-        vals = [float(r.get(key) or 0) / 1e3 for r in ok]
-        axes[1].barh(names, vals, left=left, color=color, label=key[:-3])
-        left = [a + b for a, b in zip(left, vals)]
-    rest = [float(r["step_ms"]) / 1e3 - lft for r, lft in zip(ok, left)]
-    axes[1].barh(names, [max(0.0, x) for x in rest], left=left, color="lightgray", label="other / unsplit")
-    axes[1].set_xlabel("seconds per step")
-    axes[1].legend(fontsize=7)
-    r0 = ok[0]
-    fig.suptitle(f"GradCache step {r0['setup']} ({r0['n_queries']} q + {r0['n_docs']} d) on {r0['device']} "
-                 f"({r0['date'][:10]}, {r0['commit']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def setup_dict(setup: Setup) -> dict:

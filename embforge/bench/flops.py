@@ -6,7 +6,9 @@ a multiply-add is 2 FLOPs, and causal attention counts its lower triangle only: 
 
 Model FLOPs (the MFU numerator) are what plain full-batch training of this model on these tokens needs, nothing
 else: one forward, the backward through the frozen base for the activation gradients only (a frozen weight gets no
-weight-gradient GEMM), the LoRA backward (activation and weight gradients), and the loss. The `6 * params * tokens`
+weight-gradient GEMM, and the first layer's q/k/v need no input gradient: the embedding is frozen), the LoRA
+backward (activation and weight gradients), and the loss. tests/test_bench_flops.py checks every term against
+torch's FLOP counter on a real peft model. The `6 * params * tokens`
 rule is wrong here: it charges a weight-gradient GEMM for 7B frozen weights.
 Hardware FLOPs (the HFU numerator) are what the step actually executes: pass 1 (a forward that plain training would
 not run: GradCache recomputation), pass 2's forward, the gradient-checkpointing recomputation of pass 2's forward
@@ -49,17 +51,27 @@ class DecoderShape:
         """LoRA A (r x in) and B (out x r) on all seven projections of every layer."""
         return self.layers * self.lora_r * sum(a + b for a, b in self._projections())
 
-    def attention_fwd(self, n: int) -> int:
-        """Causal QK^T + PV of one sequence of n tokens, all layers."""
-        return self.layers * 4 * self.heads * self.head_dim * n * (n + 1) // 2
+    def attention_fwd(self, n: int, causal: bool = True) -> int:
+        """QK^T + PV of one sequence of n tokens, all layers: the causal triangle, or the full square that an
+        eager or masked kernel computes."""
+        pairs = n * (n + 1) // 2 if causal else n * n
+        return self.layers * 4 * self.heads * self.head_dim * pairs
 
-    def forward(self, n: int) -> int:
-        return 2 * (self.base_linear_params + self.lora_params) * n + self.attention_fwd(n)
+    @property
+    def _first_layer_skipped(self) -> int:
+        """Per-token weights of the first layer's q, k, v (base and LoRA A) whose input gradient is never computed:
+        their input comes from the frozen embedding, which needs no gradient."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return h * (q + 2 * kv) + self.lora_r * 3 * h
 
-    def backward(self, n: int) -> int:
+    def forward(self, n: int, causal: bool = True) -> int:
+        return 2 * (self.base_linear_params + self.lora_params) * n + self.attention_fwd(n, causal)
+
+    def backward(self, n: int, causal: bool = True) -> int:
         """Activation gradients through the frozen base (2PT), LoRA activation + weight gradients (4 P_lora T),
-        attention backward (dQ, dK, dV, dP: twice its forward)."""
-        return 2 * self.base_linear_params * n + 4 * self.lora_params * n + 2 * self.attention_fwd(n)
+        attention backward (dQ, dK, dV, dP: twice its forward), less the first layer's q/k/v input gradients."""
+        return (2 * self.base_linear_params * n + 4 * self.lora_params * n + 2 * self.attention_fwd(n, causal)
+                - 2 * self._first_layer_skipped * n)
 
 
 def loss_flops(n_queries: int, n_docs: int, dim: int) -> int:

@@ -1,17 +1,20 @@
-"""Observe a training step from outside: what shapes the decoder really ran, and what autograd kept.
+"""Observe a training step from outside: what shapes the decoder really ran, when each pass ended, what autograd kept.
 
-Hooks sit on the HF decoder (the module with `embed_tokens` and `layers`), wherever the trainer or the peer wrapped
-it (peft, sentence-transformers), so both systems are measured by the same ruler:
-- every decoder forward, seen at its embedding lookup (sentence-transformers calls the decoder's forward method
-  directly, past module hooks; the lookup inside it goes through them): (rows, padded length) and whether grad was
-  on (pass 2) or off (pass 1);
-- optionally the bytes autograd saves for backward per pass-2 chunk (deduplicated by storage): the activation memory
-  of a chunk, exact and machine-independent, which is what the CPU regression check compares;
-- optionally a "pad every chunk to the step's longest sequence" lever, the padding that length-sorted chunks avoid.
+Hooks sit on the HF decoder's embedding lookup and final norm (the decoder is the module with `embed_tokens` and
+`layers`, wherever peft or sentence-transformers wrapped it; both call the decoder's forward method directly, past
+its own module hooks, but the lookup and the norm inside it go through theirs), so both systems are measured by
+the same ruler:
+- every decoder forward: (rows, padded length) and whether grad was on (pass 2) or off (pass 1);
+- the pass boundaries: the end of the last no-grad forward (pass 1 done) and the start of the first forward with
+  grad (loss done). On CUDA these are events recorded in the stream, so nothing waits for the GPU mid-step and the
+  split is the GPU's own timeline (the engine's perf_counter timings are not synchronized);
+- optionally the bytes autograd saves for backward per pass-2 chunk (deduplicated by storage, weights excluded):
+  the activation memory of a chunk, exact and machine-independent, which the CPU regression check compares.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,12 +25,6 @@ def find_decoder(module: torch.nn.Module) -> torch.nn.Module:
         if hasattr(m, "embed_tokens") and hasattr(m, "layers") and isinstance(m.layers, torch.nn.ModuleList):
             return m
     raise ValueError(f"no HF decoder (a module with embed_tokens and layers) inside {type(module).__name__}")
-
-
-def _ids_and_mask(args, kwargs):
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    return ids, mask
 
 
 @dataclass
@@ -41,6 +38,7 @@ class Forward:
 class StepTrace:
     forwards: list[Forward] = field(default_factory=list)
     chunk_saved_bytes: list[int] = field(default_factory=list)
+    marks: dict = field(default_factory=dict)
 
     def passes(self, grad: bool) -> list[Forward]:
         return [f for f in self.forwards if f.grad == grad]
@@ -55,62 +53,59 @@ class StepTrace:
 
 
 class Tracker:
-    def __init__(self, model: torch.nn.Module, *, track_saved: bool = False, pad_global_to: int | None = None):
+    def __init__(self, model: torch.nn.Module, *, track_saved: bool = False):
         self.decoder = find_decoder(model)
+        self.cuda = next(model.parameters()).device.type == "cuda"
         self.track_saved = track_saved
-        self.pad_global_to = pad_global_to
         self.trace = StepTrace()
         self._storages: set = set()
         # weights saved for backward are not activations: leave them out of the per-chunk bytes
         self._weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]
                          if t.device.type != "meta"}
-        self._handles = []
-        self.pads_applied = 0
-        if pad_global_to:
-            self._handles.append(self.decoder.register_forward_pre_hook(self._pad, with_kwargs=True))
-            self._handles.append(self.decoder.register_forward_hook(self._unpad, with_kwargs=True))
-        self._handles.append(self.decoder.embed_tokens.register_forward_pre_hook(self._record))
+        self._handles = [self.decoder.embed_tokens.register_forward_pre_hook(self._on_embed),
+                         self.decoder.norm.register_forward_hook(self._on_norm)]
 
     def remove(self):
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def reset(self):
-        self.trace = StepTrace()
+    def mark(self, name: str):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.trace.marks[name] = ev
+        else:
+            self.trace.marks[name] = time.perf_counter()
 
-    def _record(self, module, args):
+    def split_ms(self) -> dict:
+        """pass1 / loss / pass2 / optimizer in ms from the marks (call after the step, synchronized)."""
+        m = self.trace.marks
+
+        def ms(a, b):
+            if a not in m or b not in m:
+                return None
+            return round(m[a].elapsed_time(m[b]) if self.cuda else (m[b] - m[a]) * 1e3, 3)
+        if "pass2_start" not in m:  # one chunk held everything: a single forward+backward, no pass 2
+            return {"pass1_ms": ms("start", "end"), "loss_ms": None, "pass2_ms": None,
+                    "optimizer_ms": ms("end", "optimizer_end")}
+        return {"pass1_ms": ms("start", "pass1_end"), "loss_ms": ms("pass1_end", "pass2_start"),
+                "pass2_ms": ms("pass2_start", "end"), "optimizer_ms": ms("end", "optimizer_end")}
+
+    def _on_embed(self, module, args):
         rows, length = args[0].shape
         grad = torch.is_grad_enabled()
         self.trace.forwards.append(Forward(rows, length, grad))
+        if grad and "pass2_start" not in self.trace.marks:
+            self.mark("pass2_start")
         if grad and self.track_saved:
             self.trace.chunk_saved_bytes.append(0)  # a new chunk's graph starts: the previous one is gone
             self._storages = set()
 
-    # -- left-pad every chunk to the step's longest length, and cut the output back (the padded-globally lever) --
-    def _pad(self, module, args, kwargs):
-        ids, mask = _ids_and_mask(args, kwargs)
-        extra = self.pad_global_to - ids.shape[1]
-        if extra <= 0 or mask is None:
-            return None
-        pad_id = ids.new_full((ids.shape[0], extra), int(ids[0, 0]))
-        kwargs = dict(kwargs)
-        kwargs["input_ids"] = torch.cat([pad_id, ids], 1)
-        kwargs["attention_mask"] = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
-        for key in ("position_ids", "cache_position"):
-            kwargs.pop(key, None)  # derived from the new length by the model
-        module._embforge_cut = extra
-        self.pads_applied += 1
-        return (), kwargs
+    def _on_norm(self, module, args, output):
+        if not torch.is_grad_enabled():
+            self.mark("pass1_end")  # the last one standing is the end of pass 1
 
-    def _unpad(self, module, args, kwargs, output):
-        extra = getattr(module, "_embforge_cut", 0)
-        if extra:
-            module._embforge_cut = 0
-            output.last_hidden_state = output.last_hidden_state[:, extra:]
-        return output
-
-    # -- saved-tensor accounting --
     def _pack(self, t: torch.Tensor):
         if self.trace.chunk_saved_bytes:
             try:
@@ -125,8 +120,9 @@ class Tracker:
 
     @contextlib.contextmanager
     def step(self):
-        """Wrap one training step: resets the trace and, if asked, counts saved tensors."""
-        self.reset()
+        """Wrap one training step (marks 'start'; the caller marks 'end' and 'optimizer_end')."""
+        self.trace = StepTrace()
+        self.mark("start")
         if not self.track_saved:
             yield self.trace
             return

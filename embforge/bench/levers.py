@@ -1,0 +1,109 @@
+"""The levers of the end-to-end benchmark: each changes one thing about the headline step, in place where it can.
+
+A lever is applied to an already loaded model and undone after its row (a 7B reload costs tens of seconds of the
+GPU budget); Liger and torch.compile change a model for good, so e2e.py drops that model after them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from embforge.bench.tracker import find_decoder
+
+if TYPE_CHECKING:
+    from embforge.bench.e2e import Setup
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str                      # "baseline" or what changed, e.g. "grad_ckpt=off"
+    system: str = "embforge"       # or "sentence-transformers"
+    quantization: str | None = None
+    gradient_checkpointing: bool | None = None
+    chunk_tokens: int | None = None
+    pad_global: bool = False
+    compile_layers: bool = False
+    liger: bool = False
+    peer_token_budget: bool = False
+    cuda_only: bool = False
+
+
+def levers_for(setup: "Setup", device: str, quick: bool) -> list[Lever]:
+    """Priority order (the GPU budget may cut the tail): the headline, the levers that reuse a loaded model, then
+    Liger and torch.compile, which change a model for good (it is dropped after them) and may cost compile time."""
+    other_base = "none" if setup.quantization == "nf4" else "nf4"
+    out = [Lever("baseline"),
+           Lever("chunks=padded_global", pad_global=True),
+           Lever("peer", system="sentence-transformers"),
+           Lever("grad_ckpt=off", gradient_checkpointing=False, chunk_tokens=setup.chunk_tokens_no_ckpt),
+           Lever(f"base={'bf16' if other_base == 'none' else 'nf4'}", quantization=other_base),
+           Lever("peer=mini_batch_num_tokens", system="sentence-transformers", peer_token_budget=True),
+           Lever("liger=rmsnorm+rope+swiglu", liger=True, cuda_only=True),
+           Lever("compile=decoder_layers", compile_layers=True, cuda_only=True)]
+    if device != "cuda":
+        out = [lv for lv in out if not lv.cuda_only]
+        if quick:  # the CI check: the headline, the peer and the two levers that need no reload of a 4-bit model
+            out = [lv for lv in out if lv.name in ("baseline", "chunks=padded_global", "peer", "grad_ckpt=off")]
+    return out
+
+
+def pad_globally(embedder, length: int):
+    """The padded-globally lever: every chunk padded to the step's longest sequence (what slicing one globally
+    padded batch gives), on top of the engine's own per-chunk collation. Right-padded columns carry mask 0, so
+    pooling still reads each row's last real token. Returns an undo function."""
+    orig = embedder.collate
+
+    def collate(seqs):
+        ids, mask = orig(seqs)
+        extra = length - ids.shape[1]
+        if extra <= 0:
+            return ids, mask
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), embedder.tokenizer.pad_token_id)], 1)
+        return ids, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1)
+    embedder.collate = collate
+    return lambda: delattr(embedder, "collate")
+
+
+def apply_lever(obj, lever: Lever, setup: "Setup", global_len: int, plant: dict, undo: list):
+    """Switch a loaded model to the lever's setting in place, appending to `undo` as it goes (so a half-applied
+    lever is still undone). Toggling in place instead of reloading saves a 7B load per lever (tens of seconds)."""
+    decoder = find_decoder(obj)
+    if lever.system == "embforge" and (lever.pad_global or plant.get("pad_global")):
+        undo.append(pad_globally(obj, global_len))
+    if lever.gradient_checkpointing is not None and lever.gradient_checkpointing != setup.gradient_checkpointing:
+        on = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if lever.gradient_checkpointing:
+            decoder.gradient_checkpointing_enable(**on)
+            undo.append(decoder.gradient_checkpointing_disable)
+        else:
+            decoder.gradient_checkpointing_disable()
+            undo.append(lambda: decoder.gradient_checkpointing_enable(**on))
+    if lever.compile_layers:
+        for layer in decoder.layers:
+            layer.compile(dynamic=True)
+        undo.append(torch._dynamo.reset)
+    if lever.liger:
+        # Liger patches this model's modules and transformers' Mistral module globals (RoPE, and the norm/MLP
+        # classes later models would be built from): the globals are restored after the lever, the model dropped.
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+        from transformers.models.mistral import modeling_mistral
+        saved = {k: getattr(modeling_mistral, k) for k in ("apply_rotary_pos_emb", "MistralRMSNorm", "MistralMLP")}
+        undo.append(lambda: [setattr(modeling_mistral, k, v) for k, v in saved.items()])
+        apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                      fused_linear_cross_entropy=False, model=decoder)
+
+
+def plant_slow_layers(obj, factor: int):
+    """Test hook: make every decoder layer run `factor` times (outputs of the extra runs discarded, no grad) --
+    a known, sizeable slowdown that the check must catch."""
+    for layer in find_decoder(obj).layers:
+        orig = layer.forward
+
+        def slow(*a, _orig=orig, **k):
+            with torch.no_grad():
+                for _ in range(factor - 1):
+                    _orig(*a, **k)
+            return _orig(*a, **k)
+        layer.forward = slow
