@@ -1,9 +1,14 @@
-"""GradCache step == one full-batch backward (same dropout masks), on tiny Llama/Mistral decoders."""
+"""GradCache step == one full-batch backward, on tiny Llama/Mistral decoders in fp32.
+
+Two references. With LoRA dropout the full-batch graph must draw the same dropout masks, and a mask's shape is the
+padded chunk's shape, so the reference embeds the same chunks from the same starting RNG state, but all inside one
+autograd graph followed by one backward: any mismatch of the replayed RNG in pass 2 shows up as a gradient error.
+Without dropout the reference is the plain unchunked batch (one forward of everything, one backward)."""
 import pytest
 import torch
 
-from embforge.engine import ContrastiveBatch, Embedder, LoraConfig, ModelConfig, contrastive_step
-from embforge.engine.gradcache import make_chunks, text_ids
+from embforge.engine import ContrastiveBatch, Embedder, LoraConfig, ModelConfig, contrastive_step, make_chunks
+from embforge.engine.gradcache import CPU_CHUNK_TOKENS, text_ids
 from embforge.kernels import infonce_loss
 
 QUERIES = ["what is a cat", "how do planes fly at high altitude over the oceans", "x", "define entropy",
@@ -14,79 +19,178 @@ def make_batch():
     docs = []
     for i, q in enumerate(QUERIES):
         docs += [f"answer {i} about {q} " * (i % 3 + 1), f"unrelated text number {i} lorem ipsum " * (2 - i % 2)]
-    docs[3] = docs[0]  # a duplicate text: must not serve as a negative for query 0
+    docs[3] = docs[0]  # query 1's hard negative is query 0's positive: must not serve as a negative for query 0
     return ContrastiveBatch(QUERIES, ["Retrieve the answer"] * 4 + [None], docs)
 
 
-def grads(params):
-    return torch.cat([p.grad.flatten() for p in params])
+def embedder(family, dropout, device="cpu", **kw):
+    e = Embedder.from_config(ModelConfig(path=f"tiny-{family}", lora=LoraConfig(dropout=dropout), **kw), device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # peft starts lora_B at zero, where lora_A gets no gradient and dropout does nothing
+        for n, p in e.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
+    e.train()
+    return e
 
 
-def reference_loss(emb, batch, chunks):
-    """Embed the same chunks under the same RNG stream, but in one autograd graph, then one backward."""
-    q_seqs = emb.tokenize(batch.queries, is_query=True, instructions=batch.instructions)
-    d_seqs = emb.tokenize(batch.documents, is_query=False)
-    seqs = q_seqs + d_seqs
+def take_grads(e):
+    params = e.trainable_parameters()
+    g = torch.cat([p.grad.flatten() for p in params])
+    for p in params:
+        p.grad = None
+    return g
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def all_seqs(e, batch):
+    return e.tokenize(batch.queries, is_query=True, instructions=batch.instructions) + \
+        e.tokenize(batch.documents, is_query=False)
+
+
+def same_chunks_one_graph_loss(e, batch, chunks):
+    """The full-batch reference under dropout: same chunks, same RNG stream, one autograd graph."""
+    seqs = all_seqs(e, batch)
     reps = [None] * len(seqs)
     for c in chunks:
-        ids, mask = emb.collate([seqs[i] for i in c])
-        e = emb.forward_tokens(ids, mask)
+        out = e.forward_tokens(*e.collate([seqs[i] for i in c]))
         for k, i in enumerate(c):
-            reps[i] = e[k]
+            reps[i] = out[k]
     reps = torch.stack(reps)
     qid, did = text_ids(batch.queries, batch.documents)
-    B = len(q_seqs)
-    return infonce_loss(reps[:B], reps[B:], 0.02, query_ids=qid, doc_ids=did), seqs
+    B = len(batch.queries)
+    return infonce_loss(reps[:B], reps[B:], 0.02, query_ids=qid.to(reps.device), doc_ids=did.to(reps.device))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_gradcache_equals_full_batch_with_lora_dropout(family):
-    emb = Embedder.from_config(ModelConfig(path=f"tiny-{family}", lora=LoraConfig(dropout=0.1)), "cpu")
-    emb.model.train()
-    params = emb.trainable_parameters()
+@pytest.mark.parametrize("family,checkpointing", [("llama", False), ("mistral", True)])
+def test_gradcache_equals_full_batch_with_lora_dropout(family, checkpointing):
+    e = embedder(family, 0.1, gradient_checkpointing=checkpointing)
     batch = make_batch()
     torch.manual_seed(1)
-    res = contrastive_step(emb, batch, chunk_tokens=24)
+    res = contrastive_step(e, batch, chunk_tokens=24)
+    rng_after_step = torch.get_rng_state()
+    g_cache = take_grads(e)
     assert res.n_chunks > 2
-    g_cache = grads(params).clone()
-    for p in params:
-        p.grad = None
+    assert len({len(s) for s in all_seqs(e, batch)}) > 5               # uneven lengths
+
     torch.manual_seed(1)
-    seqs = emb.tokenize(batch.queries, is_query=True, instructions=batch.instructions) + \
-        emb.tokenize(batch.documents, is_query=False)
-    chunks = make_chunks([len(s) for s in seqs], 24)
-    loss, _ = reference_loss(emb, batch, chunks)
+    chunks = make_chunks([len(s) for s in all_seqs(e, batch)], 24)
+    loss = same_chunks_one_graph_loss(e, batch, chunks)
     loss.backward()
-    g_ref = grads(params)
-    assert abs(res.loss - float(loss.detach())) < 1e-5 * abs(float(loss.detach()))
-    assert ((g_cache - g_ref).norm() / g_ref.norm()) < 1e-4
-    assert g_ref.abs().sum() > 0
+    g_ref = take_grads(e)
+    assert torch.equal(rng_after_step, torch.get_rng_state())          # RNG left as one pass leaves it
+    assert abs(res.loss - float(loss)) <= 1e-5 * abs(float(loss))
+    assert g_ref.norm() > 0 and g_cache.abs().max() > 0
+    assert rel_err(g_cache, g_ref) < 1e-4
+
+    # The same step with different dropout draws gives visibly different gradients: the check above has teeth.
+    torch.manual_seed(2)
+    contrastive_step(e, batch, chunk_tokens=24)
+    assert rel_err(take_grads(e), g_ref) > 1e-2
 
 
-def test_gradcache_equals_unchunked_batch_without_dropout():
-    emb = Embedder.from_config(ModelConfig(path="tiny-mistral", lora=LoraConfig(dropout=0.0)), "cpu")
-    params = emb.trainable_parameters()
+@pytest.mark.parametrize("options", [{}, {"same_tower": True, "matryoshka_dims": [32, 64],
+                                          "matryoshka_weights": [0.5, 1.0]}], ids=["plain", "gecko"])
+def test_gradcache_equals_unchunked_batch_without_dropout(options):
+    e = embedder("mistral", 0.0)
     batch = make_batch()
-    res = contrastive_step(emb, batch, chunk_tokens=30, max_chunk_seqs=3)
-    g_cache = grads(params).clone()
-    for p in params:
-        p.grad = None
-    one = contrastive_step(emb, batch, chunk_tokens=10**6)   # everything in one chunk: single pass
-    assert one.n_chunks == 1 and res.n_chunks > 1
-    g_full = grads(params)
-    assert abs(res.loss - one.loss) < 1e-5 * abs(one.loss)
-    assert ((g_cache - g_full).norm() / g_full.norm()) < 1e-4
+    res = contrastive_step(e, batch, chunk_tokens=30, max_chunk_seqs=3, **options)
+    g_cache = take_grads(e)
+    one = contrastive_step(e, batch, chunk_tokens=10**6, **options)   # everything in one chunk: single pass
+    g_full = take_grads(e)
+    assert one.n_chunks == 1 and res.n_chunks > 3
+    assert abs(res.loss - one.loss) <= 1e-5 * abs(one.loss)
+    assert rel_err(g_cache, g_full) < 1e-4
+
+
+def test_loss_equals_hand_written_reference_with_duplicates_masked():
+    e = embedder("llama", 0.0)
+    e.eval()
+    batch = make_batch()
+    tau = 0.5   # the random model's similarities sit far below its positives' at 0.02, hiding the mask's effect
+    res = contrastive_step(e, batch, chunk_tokens=40, temperature=tau)
+    with torch.no_grad():   # each text alone: no padding, no chunking
+        reps = torch.cat([e.forward_tokens(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                          for s in all_seqs(e, batch)])
+    texts = batch.queries + batch.documents
+    ids = torch.tensor([texts.index(t) for t in texts])
+    B, N = len(batch.queries), len(batch.documents)
+    q, d = torch.nn.functional.normalize(reps[:B], dim=1), torch.nn.functional.normalize(reps[B:], dim=1)
+    logits = q @ d.T / tau
+    pos = torch.arange(B) * (N // B)
+    qid, did = ids[:B], ids[B:]
+    drop = (did[None, :] == did[pos][:, None]) | (did[None, :] == qid[:, None])
+    drop[torch.arange(B), pos] = False
+    assert drop.sum() == 1                                   # exactly the one duplicate
+    rows = torch.arange(B)
+    masked = logits.masked_fill(drop, float("-inf"))
+    ref = float((torch.logsumexp(masked, 1) - logits[rows, pos]).mean())
+    unmasked = float((torch.logsumexp(logits, 1) - logits[rows, pos]).mean())
+    assert abs(res.loss - ref) <= 1e-4 * abs(ref)
+    assert abs(unmasked - ref) > 1e-3                         # the masking is visible in the loss
+
+
+def test_one_forward_when_the_batch_fits_else_two_per_chunk_each_padded_to_its_own_longest():
+    e = embedder("llama", 0.0)
+    batch = make_batch()
+    shapes = []
+    hook = e.model.base_model.model.register_forward_hook(lambda m, a, kw, out: shapes.append(
+        tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        res = contrastive_step(e, batch, chunk_tokens=10**6)
+        assert res.n_chunks == 1 and len(shapes) == 1 and res.timings.keys() == {"pass1", "loss", "pass2"}
+        shapes.clear()
+        res = contrastive_step(e, batch, chunk_tokens=40)
+    finally:
+        hook.remove()
+    lengths = sorted((len(s) for s in all_seqs(e, batch)), reverse=True)
+    chunks = make_chunks(lengths, 40)
+    expected = [(len(c), lengths[c[0]]) for c in chunks]
+    assert len(chunks) == res.n_chunks > 2
+    assert shapes == expected + expected                      # pass 1 then pass 2, same chunks
+    assert all(b * t <= 40 or b == 1 for b, t in expected)
+    assert res.padded_tokens == sum(b * t for b, t in expected) < len(lengths) * lengths[0]
+    assert res.tokens == sum(lengths) and set(res.timings) == {"pass1", "loss", "pass2"}
+
+
+def test_auto_chunk_tokens_on_cpu_and_explicit_ids():
+    e = embedder("llama", 0.0)
+    batch = make_batch()
+    res = contrastive_step(e, batch, chunk_tokens="auto", temperature=0.5)
+    assert res.chunk_tokens == CPU_CHUNK_TOKENS and res.n_chunks == 1
+    take_grads(e)
+    # Explicit ids override the text-derived ones: declaring query 0's hard negative a duplicate of its positive
+    # removes that negative and lowers the loss.
+    qid, did = text_ids(batch.queries, batch.documents)
+    did[1] = did[0]
+    explicit = ContrastiveBatch(batch.queries, batch.instructions, batch.documents, qid.tolist(), did.tolist())
+    assert contrastive_step(e, explicit, chunk_tokens="auto", temperature=0.5).loss < res.loss - 1e-3
+    with pytest.raises(ValueError, match="both query_ids and doc_ids"):
+        ContrastiveBatch(batch.queries, batch.instructions, batch.documents, query_ids=qid.tolist())
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        contrastive_step(e, batch, chunk_tokens="big")
+
+
+def test_text_ids_share_ids_across_queries_and_documents():
+    q, d = text_ids(["a", "b", "a"], ["b", "c", "a", "c"])
+    assert q.tolist() == [0, 1, 0] and d.tolist() == [1, 2, 0, 2]
 
 
 def test_make_chunks_respects_budget_and_pads_per_chunk():
-    lengths = [5, 100, 7, 50, 3, 3, 60, 8]
+    lengths = [5, 100, 7, 50, 3, 3, 60, 8, 300]
     chunks = make_chunks(lengths, 120, max_chunk_seqs=3)
     assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
     for c in chunks:
         assert len(c) <= 3
         assert len(c) == 1 or len(c) * max(lengths[i] for i in c) <= 120
-    # longest sequences are grouped together, so short ones never pay for the longest
-    assert chunks[0][0] == 1
+    assert chunks[0] == [8]                       # longer than the budget: alone
+    assert chunks[1] == [1]                       # 100 + 60 would be 2 x 100 > 120
+    assert [lengths[c[0]] for c in chunks] == sorted((lengths[c[0]] for c in chunks), reverse=True)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        make_chunks(lengths, 0)
 
 
 def test_batch_validation():
@@ -94,3 +198,45 @@ def test_batch_validation():
         ContrastiveBatch(["a", "b"], [None, None], ["x", "y", "z"])
     with pytest.raises(ValueError, match="instructions"):
         ContrastiveBatch(["a", "b"], [None], ["x", "y"])
+    with pytest.raises(ValueError, match="no queries"):
+        ContrastiveBatch([], [], [])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_gradcache_replays_gpu_dropout_masks():
+    """On GPU, LoRA dropout draws from the CUDA generator: pass 2 must restore it too (luyug/GradCache did not)."""
+    e = embedder("llama", 0.1, device="cuda", dtype="float32")
+    batch = make_batch()
+    torch.manual_seed(1)
+    res = contrastive_step(e, batch, chunk_tokens=24)
+    g_cache = take_grads(e)
+    torch.manual_seed(1)
+    loss = same_chunks_one_graph_loss(e, batch, make_chunks([len(s) for s in all_seqs(e, batch)], 24))
+    loss.backward()
+    g_ref = take_grads(e)
+    assert res.n_chunks > 2 and abs(res.loss - float(loss)) <= 1e-5 * abs(float(loss))
+    assert rel_err(g_cache, g_ref) < 1e-4
+    torch.manual_seed(2)
+    contrastive_step(e, batch, chunk_tokens=24)
+    assert rel_err(take_grads(e), g_ref) > 1e-2
+
+
+@cuda
+def test_cuda_auto_chunk_budget_keeps_grads_and_rng():
+    from embforge.engine import auto_chunk_tokens
+    e = embedder("llama", 0.1, device="cuda", query_max_length=64, doc_max_length=64)   # bf16 on CUDA
+    marker = [torch.full_like(p, 7.0) for p in e.trainable_parameters()]
+    for p, m in zip(e.trainable_parameters(), marker):
+        p.grad = m.clone()
+    cpu, gpu = torch.get_rng_state(), torch.cuda.get_rng_state()
+    budget = auto_chunk_tokens(e)
+    assert budget >= 64 and budget % 64 == 0 and auto_chunk_tokens(e) == budget   # probed once, then cached
+    assert torch.equal(cpu, torch.get_rng_state()) and torch.equal(gpu, torch.cuda.get_rng_state())
+    assert all(torch.equal(p.grad, m) for p, m in zip(e.trainable_parameters(), marker))
+    take_grads(e)
+    res = contrastive_step(e, make_batch(), chunk_tokens="auto")
+    assert res.chunk_tokens == budget and res.n_chunks == 1
+    assert torch.isfinite(take_grads(e)).all()

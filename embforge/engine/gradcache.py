@@ -19,13 +19,15 @@ import torch
 
 from embforge.kernels import infonce_loss
 
+CPU_CHUNK_TOKENS = 4096   # "auto" on CPU: memory is rarely the limit there, and larger chunks stop paying off
+
 
 @dataclass
 class ContrastiveBatch:
     queries: list[str]
     instructions: list[str | None]
     documents: list[str]                  # grouped: query i owns documents[i*G:(i+1)*G], positive first
-    query_ids: list[int] | None = None    # optional explicit text ids (otherwise derived from the texts)
+    query_ids: list[int] | None = None    # optional explicit text ids (both or neither); default: from the texts
     doc_ids: list[int] | None = None
 
     def __post_init__(self):
@@ -34,9 +36,15 @@ class ContrastiveBatch:
             raise ValueError("ContrastiveBatch has no queries")
         if len(self.instructions) != B:
             raise ValueError(f"ContrastiveBatch: {B} queries but {len(self.instructions)} instructions")
-        if N % B != 0 or N == 0:
+        if N == 0 or N % B != 0:
             raise ValueError(f"ContrastiveBatch: {N} documents is not a positive multiple of {B} queries "
                              "(each query owns its positive and the same number of hard negatives)")
+        if (self.query_ids is None) != (self.doc_ids is None):
+            # Mixing given ids with ids derived from texts would put two unrelated numberings in one id space.
+            raise ValueError("ContrastiveBatch: give both query_ids and doc_ids, or neither")
+        if self.query_ids is not None and (len(self.query_ids) != B or len(self.doc_ids) != N):
+            raise ValueError(f"ContrastiveBatch: {len(self.query_ids)} query_ids / {len(self.doc_ids)} doc_ids for "
+                             f"{B} queries / {N} documents")
 
 
 @dataclass
@@ -45,82 +53,131 @@ class StepResult:
     n_chunks: int
     tokens: int            # real (unpadded) tokens embedded
     padded_tokens: int     # tokens computed including padding, per pass
-    timings: dict = field(default_factory=dict)   # seconds: pass1, loss, pass2
+    chunk_tokens: int = 0  # the budget used (resolved when "auto")
+    timings: dict = field(default_factory=dict)   # seconds: pass1 (encoder forward), loss, pass2 (encoder backward)
 
 
 def make_chunks(lengths: list[int], chunk_tokens: int, max_chunk_seqs: int | None = None) -> list[list[int]]:
-    """Group sequence indices, longest first, so that len(chunk) * longest_in_chunk <= chunk_tokens."""
+    """Group sequence indices, longest first, so that len(chunk) * longest_in_chunk <= chunk_tokens (a sequence
+    longer than the budget gets a chunk of its own)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if max_chunk_seqs is not None and max_chunk_seqs < 1:
+        raise ValueError(f"max_chunk_seqs must be >= 1 or None, got {max_chunk_seqs}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    chunks, cur, cur_max = [], [], 0
+    chunks: list[list[int]] = []
+    cur: list[int] = []
     for i in order:
-        new_max = max(cur_max, lengths[i])
-        too_many = max_chunk_seqs is not None and len(cur) >= max_chunk_seqs
-        if cur and ((len(cur) + 1) * new_max > chunk_tokens or too_many):
+        # Sorted longest first, so the chunk's first member is its longest: adding i costs (len+1) * that.
+        full = max_chunk_seqs is not None and len(cur) >= max_chunk_seqs
+        if cur and ((len(cur) + 1) * lengths[cur[0]] > chunk_tokens or full):
             chunks.append(cur)
-            cur, new_max = [], lengths[i]
+            cur = []
         cur.append(i)
-        cur_max = new_max
     if cur:
         chunks.append(cur)
     return chunks
 
 
 def text_ids(queries: list[str], documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One integer id per distinct text across queries and documents (exact duplicates share it)."""
+    """One integer id per distinct text across queries and documents (exact duplicates share it). A dict, not a
+    hash: ids never collide."""
     table: dict[str, int] = {}
     q = [table.setdefault(t, len(table)) for t in queries]
     d = [table.setdefault(t, len(table)) for t in documents]
-    return torch.tensor(q), torch.tensor(d)
+    return torch.tensor(q, dtype=torch.long), torch.tensor(d, dtype=torch.long)
 
 
 class _RngState:
-    """CPU and (when initialized) every CUDA generator's state, captured and restorable."""
+    """The CPU generator and the model device's CUDA generator (LoRA dropout draws from the latter on GPU)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
-            else None
+        self.device = device if device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
 
     def restore(self):
         torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        if self.device is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def auto_chunk_tokens(embedder, *, max_length: int = 512, start: int = 1024, limit: int = 1 << 17) -> int:
-    """Largest token budget whose forward+backward fits the GPU (doubling probe); a fixed default on CPU."""
-    if embedder.device.type != "cuda":
-        return 4096
-    best = None
-    budget = start
-    eos = embedder.tokenizer.eos_token_id
-    while budget <= limit:
-        rows = max(1, budget // max_length)
-        ids = torch.full((rows, max_length), eos, device=embedder.device)
-        mask = torch.ones_like(ids)
-        try:
-            torch.cuda.reset_peak_memory_stats()
-            emb = embedder.forward_tokens(ids, mask)
-            emb.float().sum().backward()
-            embedder.model.zero_grad(set_to_none=True)
-            free, total = torch.cuda.mem_get_info()
-            best = budget
-            if torch.cuda.max_memory_allocated() > 0.7 * total:
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fits(embedder, rows: int, seq_len: int) -> int | None:
+    """Peak bytes of one forward+backward of rows x seq_len tokens, or None on out-of-memory."""
+    dev = embedder.device
+    ids = torch.full((rows, seq_len), embedder.tokenizer.eos_token_id, device=dev, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        embedder.forward_tokens(ids, mask).sum().backward()
+        _sync(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        for p in embedder.trainable_parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+
+
+def auto_chunk_tokens(embedder, *, seq_len: int | None = None, headroom: float = 0.8,
+                      max_tokens: int = 1 << 18) -> int:
+    """The largest token budget whose forward+backward fits the GPU: double rows of `seq_len` (default: the longest
+    allowed sequence) until the next doubling would pass `headroom` of the free memory, then extrapolate linearly
+    (activations grow linearly in tokens) and verify once. Cached per embedder and seq_len. Grads and RNG state
+    are left as they were. On CPU: CPU_CHUNK_TOKENS."""
+    dev = embedder.device
+    if dev.type != "cuda":
+        return CPU_CHUNK_TOKENS
+    seq_len = seq_len or max(embedder.config.query_max_length, embedder.config.doc_max_length)
+    cache = embedder.__dict__.setdefault("_auto_chunk_tokens", {})
+    if seq_len in cache:
+        return cache[seq_len]
+    saved = [(p, p.grad) for p in embedder.trainable_parameters()]
+    rng = _RngState(dev)
+    try:
+        _sync(dev)
+        free = torch.cuda.mem_get_info(dev)[0]
+        budget = headroom * free
+        rows, best, best_peak = 1, None, None
+        while rows * seq_len <= max_tokens:
+            peak = _fits(embedder, rows, seq_len)
+            if peak is None:
                 break
-            budget *= 2
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            torch.cuda.empty_cache()
-    if best is None:
-        raise RuntimeError(f"even {start} tokens per chunk do not fit this GPU")
-    return best
+            best, best_peak = rows, peak
+            if 2 * peak > budget:
+                break
+            rows *= 2
+        if best is None:
+            raise RuntimeError(f"chunk_tokens=auto: one sequence of {seq_len} tokens does not fit this GPU "
+                               f"({free / 2**30:.1f} GiB free); lower the max lengths or enable "
+                               "gradient_checkpointing / quantization")
+        guess = min(int(best * budget / max(best_peak, 1)), 2 * best - 1, max_tokens // seq_len)
+        if guess > best and _fits(embedder, guess, seq_len) is not None:
+            best = guess
+    finally:
+        for p, g in saved:
+            p.grad = g
+        rng.restore()
+    cache[seq_len] = best * seq_len
+    return cache[seq_len]
 
 
 def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | torch.Tensor = 0.02,
                      chunk_tokens: int | str = 4096, max_chunk_seqs: int | None = None, same_tower: bool = False,
                      matryoshka_dims=None, matryoshka_weights=None, loss_backend: str = "auto") -> StepResult:
-    """One GradCache step; gradients accumulate into the trainable parameters' .grad (the caller zeroes them)."""
+    """One GradCache step; gradients accumulate into the trainable parameters' .grad (the caller zeroes them).
+
+    chunk_tokens: padded tokens per chunk (rows x longest row), or "auto" (see auto_chunk_tokens). The batch size
+    is the batch's; this only sets how much runs through the encoder at once. Train/eval mode is the caller's."""
+    dev = embedder.device
+    _sync(dev)
     t0 = time.perf_counter()
     q_seqs = embedder.tokenize(batch.queries, is_query=True, instructions=batch.instructions)
     d_seqs = embedder.tokenize(batch.documents, is_query=False)
@@ -128,57 +185,60 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     B = len(q_seqs)
     if chunk_tokens == "auto":
         chunk_tokens = auto_chunk_tokens(embedder)
+    elif isinstance(chunk_tokens, str):
+        raise ValueError(f"chunk_tokens must be an int or 'auto', got {chunk_tokens!r}")
     chunks = make_chunks([len(s) for s in seqs], int(chunk_tokens), max_chunk_seqs)
-    if batch.query_ids is not None and batch.doc_ids is not None:
-        qid, did = torch.tensor(batch.query_ids), torch.tensor(batch.doc_ids)
+    if batch.query_ids is not None:
+        qid, did = torch.tensor(batch.query_ids, dtype=torch.long), torch.tensor(batch.doc_ids, dtype=torch.long)
     else:
         qid, did = text_ids(batch.queries, batch.documents)
-    dev = embedder.device
     loss_kw = dict(query_ids=qid.to(dev), doc_ids=did.to(dev), same_tower=same_tower,
                    matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=loss_backend)
-    padded = sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks)
-    tokens = sum(len(s) for s in seqs)
-    timings = {}
+    result = StepResult(0.0, len(chunks), sum(len(s) for s in seqs),
+                        sum(len(c) * len(seqs[c[0]]) for c in chunks), int(chunk_tokens))
+    index = [torch.tensor(c, device=dev) for c in chunks]
 
     if len(chunks) == 1:
         # Everything fits at once: a plain forward with grad, nothing cached, no second pass.
-        ids, mask = embedder.collate([seqs[i] for i in chunks[0]])
-        emb = embedder.forward_tokens(ids, mask)
-        reps = torch.empty_like(emb)
-        reps[torch.tensor(chunks[0], device=emb.device)] = emb
+        emb = embedder.forward_tokens(*embedder.collate([seqs[i] for i in chunks[0]]))
+        reps = torch.empty_like(emb).index_copy(0, index[0], emb)   # back to batch order, differentiably
+        _sync(dev)
+        t1 = time.perf_counter()
         loss = infonce_loss(reps[:B], reps[B:], temperature, **loss_kw)
+        _sync(dev)
+        t2 = time.perf_counter()
         loss.backward()
-        timings["pass1"] = time.perf_counter() - t0
-        return StepResult(float(loss.detach()), 1, tokens, padded, timings)
+        _sync(dev)
+        result.loss = float(loss.detach())
+        result.timings = {"pass1": t1 - t0, "loss": t2 - t1, "pass2": time.perf_counter() - t2}
+        return result
 
     # Pass 1: no grad, cache fp32 embeddings and each chunk's RNG state.
-    H = embedder.hidden_size
-    cache = torch.empty(len(seqs), H, device=dev, dtype=torch.float32)
+    cache = torch.empty(len(seqs), embedder.hidden_size, device=dev, dtype=torch.float32)
     states = []
     with torch.no_grad():
-        for c in chunks:
-            states.append(_RngState())
-            ids, mask = embedder.collate([seqs[i] for i in c])
-            cache[torch.tensor(c, device=dev)] = embedder.forward_tokens(ids, mask).float()
-    after_pass1 = _RngState()
+        for c, idx in zip(chunks, index):
+            states.append(_RngState(dev))
+            cache.index_copy_(0, idx, embedder.forward_tokens(*embedder.collate([seqs[i] for i in c])).float())
+    after_pass1 = _RngState(dev)
+    _sync(dev)
     t1 = time.perf_counter()
-    timings["pass1"] = t1 - t0
 
     # Loss and its gradient w.r.t. every cached embedding.
     reps = cache.requires_grad_()
     loss = infonce_loss(reps[:B], reps[B:], temperature, **loss_kw)
     loss.backward()
     grad = reps.grad
+    _sync(dev)
     t2 = time.perf_counter()
-    timings["loss"] = t2 - t1
 
     # Pass 2: replay each chunk under its pass-1 RNG state and push the cached gradient through the encoder.
-    for c, state in zip(chunks, states):
+    for c, idx, state in zip(chunks, index, states):
         state.restore()
-        ids, mask = embedder.collate([seqs[i] for i in c])
-        emb = embedder.forward_tokens(ids, mask)
-        g = grad[torch.tensor(c, device=dev)]
-        torch.autograd.backward(emb, grad_tensors=g.to(emb.dtype))
+        emb = embedder.forward_tokens(*embedder.collate([seqs[i] for i in c]))
+        torch.autograd.backward(emb, grad_tensors=grad.index_select(0, idx).to(emb.dtype))
     after_pass1.restore()  # leave the generators where a single pass would have left them
-    timings["pass2"] = time.perf_counter() - t2
-    return StepResult(float(loss.detach()), len(chunks), tokens, padded, timings)
+    _sync(dev)
+    result.loss = float(loss.detach())
+    result.timings = {"pass1": t1 - t0, "loss": t2 - t1, "pass2": time.perf_counter() - t2}
+    return result

@@ -1,8 +1,7 @@
 """The embedder: an HF decoder without LM head, optional nf4 base weights, LoRA, last-token (or mean) pooling.
 
-Text handling follows E5-mistral: queries become `Instruct: {instruction}\\nQuery: {query}`, documents stay plain;
-each sequence is truncated, then EOS is appended, and the embedding is the hidden state at that EOS. Mistral's pad
-token is often EOS, so pooling finds the last real token from the attention mask, never by token id.
+Text handling (embforge/engine/text.py) follows E5-mistral: instruction template on queries, truncation then EOS,
+and the embedding is the hidden state at that EOS, found from the attention mask (pad is often EOS itself).
 """
 from __future__ import annotations
 
@@ -14,16 +13,13 @@ from pathlib import Path
 
 import torch
 
+from embforge.engine.text import DEFAULT_QUERY_TEMPLATE, check_template, format_query, pad_batch, tokenize_texts
 from embforge.kernels import last_token_pool, mean_pool
 
-DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
-# Every attention AND MLP projection, per family (GritLM adapted Mixtral names and so never touched Mistral's MLP).
-LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+# Every attention AND MLP projection, per family. Named per family on purpose: GritLM reused Mixtral's expert names
+# (w1/w2/w3) for Mistral and so never adapted Mistral's MLP. from_config checks each name exists in the model.
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = {family: list(_LLAMA_LIKE) for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
 
 
 @dataclass
@@ -33,40 +29,56 @@ class LoraConfig:
     dropout: float = 0.05
     targets: list[str] | str = "auto"   # "auto": every attention and MLP projection of the model's family
 
+    def validate(self):
+        if self.r < 1:
+            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must lie in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str) and self.targets != "auto":
+            raise ValueError(f"model.lora.targets must be 'auto' or a list of module names, got {self.targets!r}")
+
 
 @dataclass
 class ModelConfig:
-    path: str = "smollm2"               # "smollm2" = the offline SmolLM2-135M asset; else a local dir or hub id
+    path: str = "smollm2"               # "smollm2" = the offline SmolLM2-135M asset, "tiny-<family>" = random test
+                                        # decoder; else a local dir or hub id
     dtype: str = "auto"                 # auto: bf16 on CUDA, fp32 on CPU
     quantization: str = "none"          # none | nf4 (bitsandbytes 4-bit, double quantization)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "auto"   # auto: flash_attention_2 when flash-attn is importable, else sdpa
+    gradient_checkpointing: bool = False  # always non-reentrant
+    attn_implementation: str = "auto"   # auto: flash_attention_2 when flash-attn is importable (CUDA), else sdpa
     pooling: str = "last"               # last | mean
     query_template: str = DEFAULT_QUERY_TEMPLATE
-    query_max_length: int = 512
+    query_max_length: int = 512         # tokens including the appended EOS
     doc_max_length: int = 512
     rope_theta: float | None = None     # long-context override (E5 passkey: 1e5 with a 32k window)
-    padding_side: str = "right"
+    padding_side: str = "right"         # left and right give the same embeddings (pooling is by mask)
 
     def validate(self):
-        if self.quantization not in ("none", "nf4"):
-            raise ValueError(f"model.quantization must be 'none' or 'nf4', got {self.quantization!r}")
-        if self.pooling not in ("last", "mean"):
-            raise ValueError(f"model.pooling must be 'last' or 'mean', got {self.pooling!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be auto/float32/bfloat16/float16, got {self.dtype!r}")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"model.padding_side must be left or right, got {self.padding_side!r}")
-        if "{query}" not in self.query_template:
-            raise ValueError("model.query_template must contain {query}")
+        choices = {"quantization": ("none", "nf4"), "pooling": ("last", "mean"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16"), "padding_side": ("left", "right"),
+                   "attn_implementation": ("auto", "sdpa", "flash_attention_2", "eager")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("query_max_length", "doc_max_length"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"model.{name} must be >= 2 (one token plus EOS), got {getattr(self, name)}")
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        check_template(self.query_template)
+        if self.lora is not None:
+            self.lora.validate()
 
 
 def resolve_path(path: str) -> str:
+    """The offline shorthands: "smollm2" and "tiny-llama" / "tiny-mistral" / "tiny-qwen2"."""
     if path == "smollm2":
         from embforge.engine.assets import smollm2_dir
         return str(smollm2_dir())
-    if path.startswith("tiny-"):  # tiny-llama / tiny-mistral / tiny-qwen2: random test decoders
+    if path.startswith("tiny-"):
         from embforge.engine.assets import tiny_decoder_dir
         return str(tiny_decoder_dir(path[len("tiny-"):]))
     return path
@@ -78,26 +90,62 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _attn_impl(name: str, device: torch.device) -> str:
+def _attn_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name != "auto":
         return name
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
 
-def lora_targets(model_type: str, requested) -> list[str]:
-    if requested != "auto":
-        return list(requested)
-    if model_type not in LORA_TARGETS:
-        raise ValueError(f"no default LoRA targets for model family {model_type!r}; set model.lora.targets "
-                         f"(known families: {sorted(LORA_TARGETS)})")
-    return LORA_TARGETS[model_type]
+def lora_targets(model, requested) -> list[str]:
+    """Target module names, checked against the model: each must name at least one linear layer."""
+    model_type = model.config.model_type
+    if requested == "auto":
+        if model_type not in LORA_TARGETS:
+            raise ValueError(f"model.lora.targets: no default LoRA targets for model family {model_type!r} "
+                             f"(known: {sorted(LORA_TARGETS)}); list its attention and MLP projections explicitly")
+        requested = LORA_TARGETS[model_type]
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    missing = [t for t in requested if t not in linear]
+    if missing:
+        raise ValueError(f"model.lora.targets: {missing} name no linear layer of this {model_type} model "
+                         f"(its linear layers: {sorted(linear)})")
+    return list(requested)
+
+
+def _keep_bnb_cpu_weights_trainable(model):
+    """bitsandbytes (0.50) repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel the first time the layer
+    runs in eval mode without grad (e.g. `encode`), and from then on always calls that kernel, which has no
+    autograd: gradients through the frozen base weights are silently dropped and LoRA gradients come out wrong
+    (measured: 25% relative error on a tiny Mistral). Training needs the differentiable path, so turn it off."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def _checkpointing(model, enabled: bool):
+    """Non-reentrant activation checkpointing: reentrant checkpointing with LoRA has been reported at over 2x cost,
+    and only the reentrant variant needs inputs that require grad. transformers (and peft) still hook the embedding
+    output to require grad, a reentrant-era workaround that only adds a backward through layer 0 to the input:
+    removed after each of them, since each call forgets the hooks of the one before."""
+    new_api = hasattr(model, "activation_checkpointing_enable")   # transformers >= 5.2x; older: gradient_...
+    kwargs = {"use_reentrant": False}
+    if not enabled:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+    elif new_api:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if enabled:
+        model.disable_input_require_grads()
 
 
 class Embedder(torch.nn.Module):
-    """Decoder backbone + pooling. `forward_tokens` gives raw pooled states (the loss normalizes);
-    `encode` gives L2-normalized fp32 embeddings without grad."""
+    """Decoder backbone + pooling. `forward_tokens` gives raw pooled states (the loss normalizes, fused);
+    `encode` gives L2-normalized fp32 embeddings without grad. Train/eval mode is the caller's: LoRA dropout is
+    active only after `.train()` (HF loads models in eval mode)."""
 
     def __init__(self, model, tokenizer, config: ModelConfig):
         super().__init__()
@@ -114,75 +162,97 @@ class Embedder(torch.nn.Module):
     def from_config(cls, cfg: ModelConfig, device: str | torch.device | None = None) -> "Embedder":
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+        cfg.validate()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         path = resolve_path(cfg.path)
         dtype = _torch_dtype(cfg.dtype, device)
         hf_cfg = AutoConfig.from_pretrained(path)
         if cfg.rope_theta is not None:
             from embforge.eval.passkey import rope_override
             rope_override(hf_cfg, rope_theta=cfg.rope_theta)
-        kwargs = dict(config=hf_cfg, dtype=dtype, attn_implementation=_attn_impl(cfg.attn_implementation, device))
+        kwargs = dict(config=hf_cfg, dtype=dtype, attn_implementation=_attn_impl(cfg.attn_implementation, device,
+                                                                                   dtype))
         if cfg.quantization == "nf4":
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ImportError("model.quantization=nf4 needs bitsandbytes: "
+                                  "pip install -c constraints.txt bitsandbytes")
             from transformers import BitsAndBytesConfig
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype)
-            kwargs["device_map"] = {"": device}
+            kwargs["device_map"] = {"": str(device)}  # quantize straight onto the device, never a full-size copy
         model = AutoModel.from_pretrained(path, **kwargs)
         if cfg.quantization != "nf4":
             model.to(device)
+        else:
+            _keep_bnb_cpu_weights_trainable(model)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = cls._wrap(model, cfg)
-        return cls(model, tokenizer, cfg)
+        return cls(cls._wrap(model, cfg), tokenizer, cfg)
 
     @staticmethod
     def _wrap(model, cfg: ModelConfig):
-        model.config.use_cache = False
-        if cfg.gradient_checkpointing:
-            # Non-reentrant: reentrant checkpointing with LoRA has been reported at over 2x cost and needs inputs
-            # that require grad.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora is not None:
-            from peft import LoraConfig as PeftLoraConfig
-            from peft import get_peft_model
+        """Freeze the base, optional non-reentrant checkpointing, LoRA on every projection.
 
-            targets = lora_targets(model.config.model_type, cfg.lora.targets)
-            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-            missing = [t for t in targets if t not in names]
-            if missing:
-                raise ValueError(f"LoRA targets {missing} not found in {model.config.model_type} modules")
-            model = get_peft_model(model, PeftLoraConfig(
-                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=targets, bias="none"))
-        else:
-            for p in model.parameters():
-                p.requires_grad_(False)
-        return model
+        Deliberately not peft's prepare_model_for_kbit_training: it casts every bf16 parameter (embeddings, norms)
+        to fp32, which makes the norms emit fp32, so q/k/v and attention run in fp32 (no flash attention, twice the
+        activation memory). bf16 residuals are what the model was trained with; RMSNorm already reduces in fp32.
+        """
+        model.config.use_cache = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            _checkpointing(model, True)
+        if cfg.lora is None:
+            return model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        targets = lora_targets(model, cfg.lora.targets)
+        peft_model = get_peft_model(model, PeftLoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+            bias="none"))
+        if cfg.gradient_checkpointing:
+            model.disable_input_require_grads()   # peft hooks the input again (see _checkpointing)
+        return peft_model
+
+    def set_gradient_checkpointing(self, enabled: bool):
+        """Switch non-reentrant checkpointing on or off in place (e.g. a benchmark lever), without a reload."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        _checkpointing(base, enabled)
+        self.config = dataclasses.replace(self.config, gradient_checkpointing=enabled)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None) -> "Embedder":
-        """Load a folder written by `save_pretrained` (base model reference + LoRA adapter)."""
+        """Load a folder written by `save_pretrained` (base model reference + LoRA adapter), in eval mode."""
         from embforge.config import build_dataclass
 
         path = Path(path)
         meta_file = path / "embforge_config.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"{path} is not an embforge model folder (no embforge_config.json)")
-        meta = json.loads(meta_file.read_text())
-        cfg = build_dataclass(ModelConfig, meta["model"])
-        adapter = path / "adapter"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from e
+        if "model" not in meta:
+            raise ValueError(f"{meta_file}: missing key 'model'")
+        cfg = build_dataclass(ModelConfig, meta["model"], prefix="model.")
         if meta.get("merged"):
             cfg = dataclasses.replace(cfg, path=str(path / "merged"), lora=None, quantization="none")
-            return cls.from_config(cfg, device)
-        emb = cls.from_config(dataclasses.replace(cfg, lora=None), device)
-        if adapter.exists():
-            from peft import PeftModel
-            emb.model = PeftModel.from_pretrained(emb.model, str(adapter))
-            emb.config = cfg
+            emb = cls.from_config(cfg, device)
+        else:
+            emb = cls.from_config(dataclasses.replace(cfg, lora=None), device)
+            if (path / "adapter").exists():
+                from peft import PeftModel
+                emb.model = PeftModel.from_pretrained(emb.model, str(path / "adapter"))
+                emb.config = cfg
         emb.eval()
         return emb
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Adapter + tokenizer + the model config (base path resolved to an absolute location)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.save_adapter(out / "adapter")
@@ -202,78 +272,63 @@ class Embedder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
     def format_query(self, query: str, instruction: str | None) -> str:
-        if not instruction:
-            return query
-        return self.config.query_template.format(instruction=instruction, query=query)
+        return format_query(self.config.query_template, query, instruction)
 
     def tokenize(self, texts: list[str], *, is_query: bool, instructions=None) -> list[list[int]]:
         """Token ids per text: template (queries with an instruction), truncation, then EOS appended."""
+        texts = list(texts)
         if is_query:
-            instructions = instructions if instructions is not None else [None] * len(texts)
+            instructions = list(instructions) if instructions is not None else [None] * len(texts)
             if len(instructions) != len(texts):
                 raise ValueError(f"{len(texts)} queries but {len(instructions)} instructions")
             texts = [self.format_query(t, i) for t, i in zip(texts, instructions)]
         max_len = self.config.query_max_length if is_query else self.config.doc_max_length
-        eos = self.tokenizer.eos_token_id
-        out = []
-        for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
-            if ids and ids[-1] == eos:
-                ids = ids[:-1]
-            out.append(ids[: max_len - 1] + [eos])
-        return out
+        return tokenize_texts(self.tokenizer, texts, max_len)
 
     def collate(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad to the longest sequence in this group only (per-chunk padding)."""
-        T = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if self.config.padding_side == "right":
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            else:
-                ids[i, T - len(s):] = torch.tensor(s)
-                mask[i, T - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        """Pad to the longest sequence in this group only (per-chunk padding), on the model's device."""
+        return pad_batch(seqs, self.tokenizer.pad_token_id, self.config.padding_side, self.device)
 
     # ---------------------------------------------------------------------------------------------- compute
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw pooled hidden states [b, H] in fp32 (not normalized: the loss normalizes, fused)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        if self.config.pooling == "mean":
-            return mean_pool(hidden, attention_mask, normalize=False, out_dtype=torch.float32)
-        return last_token_pool(hidden, attention_mask, normalize=False, out_dtype=torch.float32)
+        pool = mean_pool if self.config.pooling == "mean" else last_token_pool
+        return pool(hidden, attention_mask, normalize=False, out_dtype=torch.float32)
 
     @torch.no_grad()
     def encode(self, texts: list[str], *, instruction: str | None = None, is_query: bool | None = None,
                batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """L2-normalized fp32 embeddings [n, H] on CPU. Queries (an instruction given) get the template."""
+        """L2-normalized fp32 embeddings [n, H] on CPU, in eval mode (restored after). Queries (`is_query`,
+        default: an instruction is given) get the template."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if is_query is None:
             is_query = instruction is not None
-        was_training = self.model.training
-        self.model.eval()
         seqs = self.tokenize(list(texts), is_query=is_query,
                              instructions=[instruction] * len(texts) if is_query else None)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # length-sorted: little padding
         out = torch.empty(len(seqs), self.hidden_size, dtype=torch.float32)
-        it = range(0, len(order), batch_size)
+        starts = range(0, len(order), batch_size)
         if progress:
             from tqdm import tqdm
-            it = tqdm(it, desc="encode", unit="batch")
-        for start in it:
-            idx = order[start: start + batch_size]
-            ids, mask = self.collate([seqs[i] for i in idx])
-            emb = self.forward_tokens(ids, mask)
-            out[idx] = torch.nn.functional.normalize(emb, dim=-1).cpu()
-        self.model.train(was_training)
+            starts = tqdm(starts, desc="encode", unit="batch")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in starts:
+                idx = order[start: start + batch_size]
+                emb = self.forward_tokens(*self.collate([seqs[i] for i in idx]))
+                out[idx] = torch.nn.functional.normalize(emb, dim=-1).cpu()
+        finally:
+            self.model.train(was_training)
         return out
 
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
-
-    def trainable_parameters(self):
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
