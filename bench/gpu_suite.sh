@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call (< 10 min on one H100): install carried wheels, run the CUDA tests, the kernel
 # microbenchmarks and the end-to-end step benchmark, and leave CSV/PNG/log under $OUT (default bench/results).
-#   bash bench/gpu_suite.sh [parts...]     parts: tests infonce pooling e2e e2e_big bench (default: tests infonce
-#                                          pooling e2e; each of e2e, e2e_big, bench alone fits one 10-minute call)
+#   bash bench/gpu_suite.sh [parts...]     parts: tests infonce pooling e2e e2e_big e2e_profile bench (default:
+#                                          tests infonce pooling e2e; e2e, e2e_big, bench each fit one 10-minute call)
 # Carried wheels (bitsandbytes, liger-kernel) are read from .whl/ when present: the device has no registry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +25,13 @@ for part in $parts; do
     pooling) [ -f bench/bench_pooling.py ] && python3 bench/bench_pooling.py --device cuda --out "$OUT/pooling_cuda.csv" ;;
     # e2e: GradCache step on Mistral-7B shape (nf4 + LoRA), the sentence-transformers peer and the levers, budgeted
     # to fit one 10-minute call (rows are written as they come: a cut-off run keeps what it measured).
-    e2e)     python3 bench/bench_e2e.py --device cuda --out-dir "$OUT" --budget-s "${E2E_BUDGET_S:-420}" ;;
+    e2e)     python3 bench/bench_e2e.py --device cuda --out-dir "$OUT" --budget-s "${E2E_BUDGET_S:-480}" ;;
+    # e2e_profile: the headline step once more under torch.profiler (where the time goes), ~3 minutes
+    e2e_profile) python3 bench/bench_e2e.py --device cuda --levers baseline --profile --out-dir "$OUT/profile" ;;
     # e2e_big: 2048 queries + 2048 positives + 2048 hard negatives per step (the 80 GB target): its own call.
     e2e_big) python3 bench/bench_e2e.py --device cuda --part e2e_big --out-dir "$OUT" ;;
     # bench: the whole `embforge bench` suite (kernels and pooling at their short sweep, e2e on the rest of
-    # 9 minutes) writing the summary that becomes bench/baselines/<device>.json when committed.
+    # 8 minutes) writing the summary that becomes bench/baselines/<device>.json when committed.
     bench)   python3 -m embforge bench --device cuda --out-dir "$OUT" --update-baseline --baseline "$OUT/" ;;
   esac
 done

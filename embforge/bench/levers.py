@@ -28,20 +28,24 @@ class Lever:
     liger: bool = False
     peer_token_budget: bool = False
     cuda_only: bool = False
+    cost: float = 1.0              # expected wall time relative to the headline's, for the budget
+    max_steps: int | None = None   # fewer measured steps where one suffices (uniform shapes: no cold first step)
 
 
 def levers_for(setup: "Setup", device: str, quick: bool) -> list[Lever]:
-    """Priority order (the GPU budget may cut the tail): the headline, the levers that reuse a loaded model, then
-    Liger and torch.compile, which change a model for good (it is dropped after them) and may cost compile time."""
+    """Priority order (the GPU budget cuts the tail): the headline, the peer, the levers that may pay, then the
+    ones that measure what we avoid. Liger and torch.compile change a model for good (it is dropped after them);
+    Liger restores transformers' module globals, so later levers are unaffected."""
     other_base = "none" if setup.quantization == "nf4" else "nf4"
     out = [Lever("baseline"),
-           Lever("chunks=padded_global", pad_global=True),
-           Lever("peer", system="sentence-transformers"),
+           Lever("peer", system="sentence-transformers", cost=1.7),
            Lever("grad_ckpt=off", gradient_checkpointing=False, chunk_tokens=setup.chunk_tokens_no_ckpt),
            Lever(f"base={'bf16' if other_base == 'none' else 'nf4'}", quantization=other_base),
-           Lever("peer=mini_batch_num_tokens", system="sentence-transformers", peer_token_budget=True),
            Lever("liger=rmsnorm+rope+swiglu", liger=True, cuda_only=True),
-           Lever("compile=decoder_layers", compile_layers=True, cuda_only=True)]
+           # every row padded to the step's longest: ~3x the work, so one step (its chunks all have one shape)
+           Lever("chunks=padded_global", pad_global=True, cost=1.7, max_steps=1),
+           Lever("peer=mini_batch_num_tokens", system="sentence-transformers", peer_token_budget=True, cost=1.7),
+           Lever("compile=decoder_layers", compile_layers=True, cuda_only=True, cost=2.0)]
     if device != "cuda":
         out = [lv for lv in out if not lv.cuda_only]
         if quick:  # the CI check: the headline, the peer and the two levers that need no reload of a 4-bit model
@@ -83,7 +87,12 @@ def apply_lever(obj, lever: Lever, setup: "Setup", global_len: int, plant: dict,
     if lever.compile_layers:
         for layer in decoder.layers:
             layer.compile(dynamic=True)
-        undo.append(torch._dynamo.reset)
+
+        def uncompile():
+            for layer in decoder.layers:
+                layer._compiled_call_impl = None  # what nn.Module.compile set: without it calls stay compiled
+            torch._dynamo.reset()
+        undo.append(uncompile)
     if lever.liger:
         # Liger patches this model's modules and transformers' Mistral module globals (RoPE, and the norm/MLP
         # classes later models would be built from): the globals are restored after the lever, the model dropped.
