@@ -54,3 +54,42 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(TrainConfig, None, ["batch.querys=3", "data.train=[x]"])
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(TrainConfig, None, ["optim.lr=fast", "data.train=[x]"])
+
+
+def _tiny_beir(folder, n_docs=24, n_queries=8):
+    """A small BEIR folder from the demo data: query i's answer is document i."""
+    rows = [json.loads(l) for l in (folder.parent / "train.jsonl").read_text().splitlines()[:n_docs]]
+    folder.mkdir()
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": r["positive"]}) + "\n"
+                                                 for i, r in enumerate(rows)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n"
+                                                  for i, r in enumerate(rows[:n_queries])))
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                               "".join(f"q{i}\td{i}\t1\n" for i in range(n_queries)))
+    return folder
+
+
+def test_evaluation_before_every_n_steps_and_after(tmp_path):
+    from embforge.eval.retrieval import evaluate_retrieval
+
+    cfg = cfg_for(tmp_path, tmp_path / "run", steps=5)
+    beir = _tiny_beir(tmp_path / "beir")
+    cfg.eval.data, cfg.eval.every_steps, cfg.eval.max_queries = str(beir), 2, 6
+    cfg.optim.lr = 1e-2  # big steps: 5 steps of a tiny model must visibly move the ranking
+    result = train(cfg, progress=False)
+    assert list(result["eval"]) == ["before", "step2", "step4", "after"]
+    records = [json.loads(l) for l in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    ndcg = {r["step"]: r["value"] for r in records if r["metric"] == "ndcg_at_10"}
+    assert sorted(ndcg) == [0, 2, 4, 5]
+    assert all(r["data"] == str(beir) and "commit" in r and r["model"] for r in records)
+    assert {r["value"] for r in records if r["metric"] == "num_queries"} == {6}   # max_queries applied
+    for key, step in (("before", 0), ("step2", 2), ("after", 5)):
+        assert result["eval"][key]["ndcg_at_10"] == ndcg[step]
+    assert len(set(ndcg.values())) > 1                                   # training changed the embedder
+    # the "after" record is what an independent evaluation of the final model gives
+    from embforge.eval.beir import load_beir
+    ds = load_beir(beir)
+    ds.qrels = {q: ds.qrels[q] for q in sorted(ds.qrels)[:6]}
+    again = evaluate_retrieval(result["embedder"], ds, progress=False)
+    assert again["ndcg_at_10"] == pytest.approx(ndcg[5], abs=1e-6)

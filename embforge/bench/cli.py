@@ -106,7 +106,7 @@ def run_parts(args, device: str, plant: dict | None = None) -> dict:
                 levers = args.levers.split(",") if args.levers else None
                 rows = e2e.run(device, out_dir, args.quick, part=part, model_cache=args.model_cache,
                                budget_s=budget, levers=levers, plant=plant)
-                metrics = summary.e2e_metrics(part, rows)
+                metrics = summary.e2e_metrics(part, rows, device)
                 config = e2e.setup_dict(e2e.setup_for(part, device, args.quick))
                 result["attempted"][part] = [r["lever"] for r in rows]
                 if not any(r.get("status") == "ok" for r in rows):

@@ -78,7 +78,10 @@ def apply_lever(obj, lever: Lever, setup: "Setup", global_len: int, plant: dict,
         undo.append(pad_globally(obj, global_len))
     if lever.gradient_checkpointing is not None and lever.gradient_checkpointing != setup.gradient_checkpointing:
         on = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        if lever.gradient_checkpointing:
+        if hasattr(obj, "set_gradient_checkpointing"):  # an Embedder: also drops transformers' input-grad hook
+            obj.set_gradient_checkpointing(lever.gradient_checkpointing)
+            undo.append(lambda: obj.set_gradient_checkpointing(setup.gradient_checkpointing))
+        elif lever.gradient_checkpointing:
             decoder.gradient_checkpointing_enable(**on)
             undo.append(decoder.gradient_checkpointing_disable)
         else:

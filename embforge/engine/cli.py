@@ -23,10 +23,18 @@ def add_parser(subparsers) -> None:
     e.add_argument("--out", required=True, help=".pt (tensor) or .jsonl (one embedding per line)")
     e.set_defaults(func=cmd_encode)
 
-    x = subparsers.add_parser("export", help="write adapter (+ merged model) of a trained run")
-    x.add_argument("--model", required=True, help="output_dir/final of a run")
+    x = subparsers.add_parser("export", help="write adapter (+ merged model, + sentence-transformers folder)")
+    x.add_argument("--model", required=True, help="output_dir/final of a run (or an earlier export)")
     x.add_argument("--out", required=True)
-    x.add_argument("--merge", action="store_true", help="also write the base model with LoRA merged in")
+    x.add_argument("--merge", action="store_true", help="also write OUT/merged: the base with LoRA merged in")
+    x.add_argument("--sentence-transformers", action="store_true",
+                   help="also write OUT/sentence-transformers: SentenceTransformer(path).encode_query / "
+                        "encode_document reproduce embforge encode")
+    x.add_argument("--instruction", default=None,
+                   help="task instruction baked into the sentence-transformers 'query' prompt "
+                        "(default: a generic web-search retrieval instruction)")
+    x.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the merged weights (auto: float32; the base is never exported 4-bit)")
     x.set_defaults(func=cmd_export)
 
 
@@ -87,18 +95,13 @@ def cmd_encode(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import shutil
-
-    from embforge.engine.model import Embedder
-    emb = Embedder.from_pretrained(args.model, device="cpu")
-    out = emb.save_pretrained(args.out)
-    if args.merge:
-        merged = emb.model.merge_and_unload()
-        merged.save_pretrained(out / "merged", safe_serialization=True)
-        emb.tokenizer.save_pretrained(out / "merged")
-        meta = json.loads((out / "embforge_config.json").read_text())
-        meta["merged"] = True
-        (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-    print(f"exported to {out}", file=sys.stderr)
+    from embforge.engine.export import DEFAULT_EXPORT_INSTRUCTION, ExportError, export
+    try:
+        written = export(args.model, args.out, merge=args.merge, sentence_transformers=args.sentence_transformers,
+                         instruction=args.instruction or DEFAULT_EXPORT_INSTRUCTION, dtype=args.dtype)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        print(f"embforge export: error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in written.items():
+        print(f"exported {kind}: {path}", file=sys.stderr)
     return 0

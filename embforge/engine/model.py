@@ -224,8 +224,10 @@ class Embedder(torch.nn.Module):
         self.config = dataclasses.replace(self.config, gradient_checkpointing=enabled)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None) -> "Embedder":
-        """Load a folder written by `save_pretrained` (base model reference + LoRA adapter), in eval mode."""
+    def from_pretrained(cls, path: str | Path, device=None, *, quantization: str | None = None,
+                        dtype: str | None = None) -> "Embedder":
+        """Load a folder written by `save_pretrained` (base model reference + LoRA adapter), in eval mode.
+        `quantization` / `dtype` override what the run trained with (export loads the base unquantized)."""
         from embforge.config import build_dataclass
 
         path = Path(path)
@@ -239,6 +241,8 @@ class Embedder(torch.nn.Module):
         if "model" not in meta:
             raise ValueError(f"{meta_file}: missing key 'model'")
         cfg = build_dataclass(ModelConfig, meta["model"], prefix="model.")
+        overrides = {k: v for k, v in (("quantization", quantization), ("dtype", dtype)) if v is not None}
+        cfg = dataclasses.replace(cfg, **overrides)
         if meta.get("merged"):
             cfg = dataclasses.replace(cfg, path=str(path / "merged"), lora=None, quantization="none")
             emb = cls.from_config(cfg, device)

@@ -153,16 +153,33 @@ def _set_rng_states(s):
 
 
 def evaluate(embedder, cfg: EvalConfig, out_dir: Path, step: int) -> dict:
+    """Retrieval metrics on the eval set; also appended to out_dir/eval.jsonl as result records (model, data,
+    metric, value, commit, step), so a run's whole before / every-N / after history stays on disk."""
+    from embforge.eval.beir import load_beir
     from embforge.eval.datasets import CHATTERBOT_INSTRUCTION, chatterbot_beir
+    from embforge.eval.results import make_records
     from embforge.eval.retrieval import evaluate_retrieval
 
     if cfg.data == "chatterbot":
         data = chatterbot_beir(out_dir / "eval_chatterbot")
         instruction = cfg.instruction or CHATTERBOT_INSTRUCTION
     else:
-        data, instruction = cfg.data, cfg.instruction
+        data, instruction = load_beir(cfg.data), cfg.instruction
+    if cfg.max_queries:  # a fixed subset (sorted ids), so every evaluation of the run scores the same queries
+        keep = sorted(data.qrels)[: cfg.max_queries]
+        data = dataclasses.replace(data, qrels={q: data.qrels[q] for q in keep})
+    was_training = embedder.model.training
+    t0 = time.perf_counter()
     metrics = evaluate_retrieval(embedder, data, instruction=instruction, progress=False)
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    embedder.model.train(was_training)
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    records = make_records(str(out_dir), cfg.data, metrics, step=step, instruction=instruction)
+    with open(out_dir / "eval.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    print(f"[train] eval at step {step}: nDCG@10 {metrics.get('ndcg_at_10', float('nan')):.4f} "
+          f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return metrics
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
