@@ -54,6 +54,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(TrainConfig, None, ["batch.querys=3", "data.train=[x]"])
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(TrainConfig, None, ["optim.lr=fast", "data.train=[x]"])
+    # YAML 1.1 reads 1e-3 (no dot) as a string: still a number to us
+    assert load_config(TrainConfig, None, ["optim.lr=1e-3", "data.train=[x]"]).optim.lr == 1e-3
 
 
 def _tiny_beir(folder, n_docs=24, n_queries=8):
