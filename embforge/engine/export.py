@@ -162,20 +162,18 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     trained = json.loads((Path(model_dir) / "embforge_config.json").read_text())["model"]
     out = Path(out_dir)
     written = {"embforge": str(emb.save_pretrained(out))}
-    meta = json.loads((out / "embforge_config.json").read_text())
+    meta_file = out / "embforge_config.json"
+    meta = json.loads(meta_file.read_text())
     for key in ("quantization", "dtype"):  # encode the export the way the run was trained, not as loaded here
         meta["model"][key] = trained.get(key, meta["model"][key])
-    (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
-    if not (merge or sentence_transformers):
-        return written
-    merged = merged_model(emb)  # emb keeps its tokenizer and config: all `emb.tokenize` (the check below) needs
+    if merge or sentence_transformers:
+        merged = merged_model(emb)  # emb keeps its tokenizer and config: all `emb.tokenize` (the check below) needs
     if merge:
         merged.save_pretrained(out / "merged", safe_serialization=True)
         emb.tokenizer.save_pretrained(out / "merged")
-        meta = json.loads((out / "embforge_config.json").read_text())
         meta["merged"] = True  # self-contained: from_pretrained loads merged/ (the adapter stays for reference)
-        (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
         written["merged"] = str(out / "merged")
+    meta_file.write_text(json.dumps(meta, indent=2))
     if sentence_transformers:
         written["sentence_transformers"] = str(write_sentence_transformers(emb, merged, out / "sentence-transformers",
                                                                            instruction))

@@ -168,10 +168,8 @@ def evaluate(embedder, cfg: EvalConfig, out_dir: Path, step: int) -> dict:
     if cfg.max_queries:  # a fixed subset (sorted ids), so every evaluation of the run scores the same queries
         keep = sorted(data.qrels)[: cfg.max_queries]
         data = dataclasses.replace(data, qrels={q: data.qrels[q] for q in keep})
-    was_training = embedder.model.training
     t0 = time.perf_counter()
-    metrics = evaluate_retrieval(embedder, data, instruction=instruction, progress=False)
-    embedder.model.train(was_training)
+    metrics = evaluate_retrieval(embedder, data, instruction=instruction, progress=False)  # encode restores mode
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     records = make_records(str(out_dir), cfg.data, metrics, step=step, instruction=instruction)
     with open(out_dir / "eval.jsonl", "a") as f:
