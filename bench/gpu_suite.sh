@@ -4,6 +4,7 @@
 #   bash bench/gpu_suite.sh [parts...]     parts: tests infonce pooling e2e e2e_big e2e_profile bench (default:
 #                                          tests infonce pooling e2e; e2e, e2e_big, bench each fit one 10-minute call)
 # Carried wheels (bitsandbytes, liger-kernel) are read from .whl/ when present: the device has no registry.
+# Fetch them here first, at the versions requirements/lock-gpu.txt pins: bash scripts/gpu_wheels.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
