@@ -68,7 +68,7 @@ def test_record_in_the_ledger_but_not_the_output_is_restored_once_and_blocks_its
             return "duplicate"
         return None
 
-    with FakeLLM(faults) as fake2:
+    with FakeLLM(faults, seed=1) as fake2:  # another seed: its fresh answers differ from the first run's
         report = asyncio.run(Generator(sts_cfg(fake2, tmp_path, 4)).run())
         asked_second = fake2.prompts()
     assert "restored 1 accepted record" in capsys.readouterr().err
@@ -115,7 +115,7 @@ def test_resume_seeds_the_deduper_with_everything_already_in_the_output(tmp_path
             fake2.last_example[STS] = content
         return fault
 
-    with FakeLLM(faults) as fake2:
+    with FakeLLM(faults, seed=1) as fake2:  # another seed: its fresh answers differ from the first run's
         second = asyncio.run(Generator(sts_cfg(fake2, tmp_path, 6)).run())
         assert len(fake2.log) == 4, "the rerun asked again for a request that had finished"
     assert second["stop_reason"] == "complete"

@@ -9,7 +9,7 @@ import sys
 # exits 0. Documented in docs/synth.md and in each subcommand's --help.
 EXIT_COMPLETE = 0    # every planned request finished (and, for generate, at least one example was accepted)
 EXIT_ERROR = 1       # stopped by an error a rerun alone will not fix: bad key, unknown model, endpoint unreachable
-EXIT_USAGE = 2       # bad flags or configuration (argparse uses 2 too); nothing was sent
+EXIT_USAGE = 2       # bad flags, configuration or input file (argparse uses 2 too); no key for a remote endpoint
 EXIT_INCOMPLETE = 3  # ended with work left: budget, requests that outlived their retries, nothing accepted
 
 EXIT_BY_STOP_REASON = {"complete": EXIT_COMPLETE, "fatal": EXIT_ERROR, "unreachable": EXIT_ERROR}
@@ -98,8 +98,8 @@ def _load(cls, args, mapping: dict) -> object:
     return load_config(cls, args.config, overrides)
 
 
-COMMON = {"base_url": "base_url", "model": "model", "api_key_env": "api_key_env", "concurrency": "concurrency", "budget_usd": "budget_usd",
-          "structured_output": "structured_output", "request_timeout": "request_timeout"}
+COMMON = {"base_url": "base_url", "model": "model", "api_key_env": "api_key_env", "concurrency": "concurrency",
+          "budget_usd": "budget_usd", "structured_output": "structured_output", "request_timeout": "request_timeout"}
 
 
 def _fail(msg: str, code: int) -> int:

@@ -17,6 +17,7 @@ import email.utils
 import ipaddress
 import json
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -85,16 +86,23 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
-def _connect_failure(err: Exception) -> str | None:
-    """Why no connection was made (DNS, refused, connect timeout), or None if the fault came later."""
-    import httpx
+def _connect_failure(err: BaseException) -> str | None:
+    """Why no connection was made (DNS failure, refused, connect timeout), or None if the fault came later.
 
-    cause = err
-    while cause is not None:  # the SDK wraps the httpx error: look down the chain
-        if isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return f"{type(cause).__name__}: {cause}"[:300]
+    Matched by class name along the exception chain, not by import: the SDK wraps httpx's errors, and newer
+    SDKs ship the same classes under another package name (httpx2 / httpcore2).
+    """
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    return None
+    connect = any(type(c).__name__ in ("ConnectError", "ConnectTimeout")
+                  and type(c).__module__.startswith(("httpx", "httpcore")) for c in chain)
+    if not connect and not any(isinstance(c, (socket.gaierror, ConnectionRefusedError)) for c in chain):
+        return None
+    os_errors = [c for c in chain if isinstance(c, OSError) and str(c)]  # the resolver's or kernel's own words
+    return str(os_errors[-1] if os_errors else chain[-1])[:300] or type(chain[-1]).__name__
 
 
 def _unreachable(base_url: str, why: str, attempts: int) -> UnreachableError:
