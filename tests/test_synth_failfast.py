@@ -67,12 +67,12 @@ def test_loopback_detection_and_redaction():
 def test_remote_endpoint_without_a_key_fails_before_anything_starts(tmp_path, monkeypatch, capsys, command):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("EMBFORGE_TEST_KEY", raising=False)
-    # A long retry budget: had a request been sent, this would take many seconds and leave a ledger behind.
-    slow = ["--set", "max_retries=6", "--set", "backoff_base=5"]
-    assert command(tmp_path, NOWHERE, *slow) == EXIT_USAGE
+    # No retries: if the check were missing, the run would fail fast (and differently) against the .invalid host.
+    no_retry = ["--set", "max_retries=0"]
+    assert command(tmp_path, NOWHERE, *no_retry) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "OPENAI_API_KEY" in err and "--api-key-env" in err and "nowhere.invalid" in err
-    assert command(tmp_path, NOWHERE, "--api-key-env", "EMBFORGE_TEST_KEY", *slow) == EXIT_USAGE
+    assert command(tmp_path, NOWHERE, "--api-key-env", "EMBFORGE_TEST_KEY", *no_retry) == EXIT_USAGE
     assert "EMBFORGE_TEST_KEY" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == (["in.jsonl"] if command is relabel else []), \
         "a run without a key opened its ledger/output (it got past the check)"
