@@ -5,6 +5,33 @@ import argparse
 import json
 import sys
 
+# Exit status. Scripts must be able to tell "done" from "stopped early": a run that leaves work behind never
+# exits 0. Documented in docs/synth.md and in each subcommand's --help.
+EXIT_COMPLETE = 0    # every planned request finished (and, for generate, at least one example was accepted)
+EXIT_ERROR = 1       # stopped by an error a rerun alone will not fix: bad key, unknown model, endpoint unreachable
+EXIT_USAGE = 2       # bad flags, configuration or input file (argparse uses 2 too); no key for a remote endpoint
+EXIT_INCOMPLETE = 3  # ended with work left: budget, requests that outlived their retries, nothing accepted
+
+EXIT_BY_STOP_REASON = {"complete": EXIT_COMPLETE, "fatal": EXIT_ERROR, "unreachable": EXIT_ERROR}
+
+
+def exit_code(report: dict) -> int:
+    """Exit status for a finished run's report (any stop reason not listed above means work is left)."""
+    return EXIT_BY_STOP_REASON.get(report.get("stop_reason"), EXIT_INCOMPLETE)
+
+
+EPILOG = """\
+exit status (the report is written first whenever the run started):
+  0  complete: every planned request finished{what}
+  1  stopped by an error: the endpoint refused the key or model (401/403/404), or cannot be reached
+     (DNS failure, connection refused) after the retries; the local server failed to start
+  2  bad usage, configuration or input: unknown flag or config key, a missing required value, no API key
+     for a remote endpoint (set the variable named by --api-key-env), a malformed line in an input,
+     output or ledger file (named file:line)
+  3  incomplete: requests still pending (budget reached, transient faults outlived the retries, a batch
+     still running){nothing}; rerun the same command to continue (finished requests are kept)
+"""
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (keys of SynthConfig / RelabelConfig); flags override it")
@@ -12,6 +39,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override any config key, e.g. --set validation.near_dup_threshold=0.95")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", help="model name as the endpoint knows it")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (default "
+                                                        "OPENAI_API_KEY); not needed for loopback servers")
     p.add_argument("--concurrency", type=int, help="requests in flight at once")
     p.add_argument("--budget-usd", type=float, help="stop dispatching before spending more than this (all runs "
                                                     "into the same output together)")
@@ -27,7 +56,10 @@ def add_parser(subparsers) -> None:
     synth = subparsers.add_parser("synth", help="generate synthetic training data with an LLM (E5, Gecko)")
     sub = synth.add_subparsers(dest="synth_command", metavar="<generate|relabel>")
 
-    g = sub.add_parser("generate", help="E5 two-step generation into training JSONL (resumable)")
+    g = sub.add_parser("generate", help="E5 two-step generation into training JSONL (resumable)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG.format(what=" and at least one example was accepted",
+                                            nothing=", or nothing was accepted"))
     _common(g)
     g.add_argument("--out", help="output training JSONL (DATA.raw.jsonl and DATA.report.json go beside it)")
     g.add_argument("--tasks-per-type", type=int, help="task definitions per task type")
@@ -38,7 +70,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--batch", action="store_true", help="use the OpenAI Batch API (half price, up to 24 h)")
     g.set_defaults(func=cmd_generate)
 
-    r = sub.add_parser("relabel", help="Gecko relabelling: retrieve neighbours, LLM-grade, fuse, pick pos/neg")
+    r = sub.add_parser("relabel", help="Gecko relabelling: retrieve neighbours, LLM-grade, fuse, pick pos/neg",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG.format(what=" and every input record was written", nothing=""))
     _common(r)
     r.add_argument("--input", help="records to relabel (our training JSONL)")
     r.add_argument("--corpus", help="passages: JSONL with a 'text' field, or .txt with one per line "
@@ -50,7 +84,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--negative-ranks", help="comma-separated fused ranks to use as hard negatives "
                                             "(1 = best; negative counts from the bottom, -1 = lowest)")
     r.set_defaults(func=cmd_relabel)
-    synth.set_defaults(func=lambda args: (synth.print_help(), 2)[1])
+    synth.set_defaults(func=lambda args: (synth.print_help(), EXIT_USAGE)[1])
 
 
 def _load(cls, args, mapping: dict) -> object:
@@ -64,13 +98,13 @@ def _load(cls, args, mapping: dict) -> object:
     return load_config(cls, args.config, overrides)
 
 
-COMMON = {"base_url": "base_url", "model": "model", "concurrency": "concurrency", "budget_usd": "budget_usd",
-          "structured_output": "structured_output", "request_timeout": "request_timeout"}
+COMMON = {"base_url": "base_url", "model": "model", "api_key_env": "api_key_env", "concurrency": "concurrency",
+          "budget_usd": "budget_usd", "structured_output": "structured_output", "request_timeout": "request_timeout"}
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int) -> int:
     print(f"embforge synth: error: {msg}", file=sys.stderr)
-    return 1
+    return code
 
 
 def cmd_generate(args) -> int:
@@ -103,12 +137,14 @@ def cmd_generate(args) -> int:
                 report = run_generate(cfg)
         else:
             report = run_generate(cfg)
-    except (ConfigError, BudgetError, StoreError, TemplateError, LocalServerError, ValueError) as e:
-        return _fail(str(e))
-    except FatalAPIError as e:
-        return _fail(str(e))
+    except (ConfigError, BudgetError, StoreError, TemplateError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    except (FatalAPIError, LocalServerError) as e:
+        return _fail(str(e), EXIT_ERROR)
+    except TimeoutError as e:  # a Batch API job still running past batch.max_wait: the report says what is left
+        return _fail(str(e), EXIT_INCOMPLETE)
     _print_summary(report)
-    return 1 if report.get("fatal_error") else 0
+    return exit_code(report)
 
 
 def _print_summary(report: dict) -> None:
@@ -143,11 +179,13 @@ def cmd_relabel(args) -> int:
                 report = run_relabel(cfg)
         else:
             report = run_relabel(cfg)
-    except (ConfigError, BudgetError, StoreError, LocalServerError, FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
-    except FatalAPIError as e:
-        return _fail(str(e))
-    print(f"[synth] relabel {report.get('stop_reason')}: wrote {report.get('records_written')} record(s); "
-          f"positive changed for {report.get('positive_changed')}; cost ${report['cost']['total_usd']:.4f}",
-          file=sys.stderr)
-    return 1 if report.get("fatal_error") else 0
+    except (ConfigError, BudgetError, StoreError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    except (FatalAPIError, LocalServerError) as e:
+        return _fail(str(e), EXIT_ERROR)
+    print(f"[synth] relabel {report.get('stop_reason')}: wrote {report.get('records_written')} record(s), "
+          f"{report.get('records_pending')} pending; positive changed for {report.get('positive_changed')}; "
+          f"cost ${report['cost']['total_usd']:.4f}", file=sys.stderr)
+    if report.get("fatal_error"):
+        print(f"[synth] stopped by: {report['fatal_error']}", file=sys.stderr)
+    return exit_code(report)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,17 +32,94 @@ class FatalAPIError(RuntimeError):
     """An error no retry can fix (bad key, unknown model): the whole run stops."""
 
 
+class UnreachableError(FatalAPIError):
+    """Every attempt of a request failed before a connection was made (DNS failure, connection refused, connect
+    timeout): the endpoint is down or mistyped, so the rest of the plan would fail the same way."""
+
+
 def redact_url(url: str) -> str:
     """Drop user:password@ and the query string, where keys sometimes hide, before a URL is logged."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    if ":" in netloc:
+        netloc = f"[{netloc}]"  # an IPv6 literal keeps its brackets
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: leave it out rather than fail while reporting an error
+        port = None
+    if port:
+        netloc += f":{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def is_loopback(url: str) -> bool:
-    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+    """True for servers on this machine (127.0.0.0/8, ::1, localhost): no key needed, no proxy used."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always the loopback interface
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_api_key(base_url: str, api_key: str | None, env_name: str) -> None:
+    """Refuse, before any request, a remote endpoint without a key: it would only answer 401 after retries.
+
+    Loopback servers (llama.cpp, vLLM on localhost) usually run without a key, so they are let through.
+    """
+    from embforge.config import ConfigError
+
+    if api_key or is_loopback(base_url):
+        return
+    raise ConfigError(f"no API key for {redact_url(base_url) or '(empty base_url)'}: set the environment variable "
+                      f"{env_name} (or name another variable with --api-key-env / api_key_env); only loopback "
+                      f"servers (127.0.0.0/8, ::1, localhost) are used without a key")
+
+
+def _scrub(text: str, url: str) -> str:
+    """Blank out the parts of `url` that may be secrets (user, password, query) wherever `text` repeats them."""
+    parts = urlsplit(url)
+    for secret in (parts.password, parts.username, parts.query):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _connect_failure(err: BaseException) -> str | None:
+    """Why no connection was made (DNS failure, refused, connect timeout), or None if the fault came later.
+
+    Matched by class name along the exception chain, not by import: the SDK wraps httpx's errors, and newer
+    SDKs ship the same classes under another package name (httpx2 / httpcore2).
+    """
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    connect = any(type(c).__name__ in ("ConnectError", "ConnectTimeout")
+                  and type(c).__module__.startswith(("httpx", "httpcore")) for c in chain)
+    if not connect and not any(isinstance(c, (socket.gaierror, ConnectionRefusedError)) for c in chain):
+        return None
+    os_errors = [c for c in chain if isinstance(c, OSError) and str(c)]  # the resolver's or kernel's own words
+    return str(os_errors[-1] if os_errors else chain[-1])[:300] or type(chain[-1]).__name__
+
+
+def _unreachable(base_url: str, why: str, attempts: int) -> UnreachableError:
+    return UnreachableError(f"cannot reach {redact_url(base_url)}: {_scrub(why, base_url)} ({attempts} attempt(s)); "
+                            f"check --base-url and the network, then rerun (finished work is kept)")
+
+
+def as_fatal(err: Exception, base_url: str) -> FatalAPIError | None:
+    """The run-stopping error `err` stands for (bad key, unknown model or route, no connection), else None."""
+    import openai
+
+    if isinstance(err, FatalAPIError):
+        return err
+    if isinstance(err, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
+        return FatalAPIError(f"{type(err).__name__} from {redact_url(base_url)}: {_scrub(err.message, base_url)}")
+    why = _connect_failure(err) if isinstance(err, openai.APIConnectionError) else None
+    return _unreachable(base_url, why, 1) if why else None
 
 
 @dataclass
@@ -168,7 +247,7 @@ class LLMClient:
         import openai
 
         res = ChatResult(status="failed")
-        transient = content_tries = 0
+        transient = content_tries = connect_failures = 0
         max_tokens = req.max_tokens
         accept = req.accept or (required_keys_accept(req.schema) if req.schema else None)
         while True:
@@ -180,7 +259,7 @@ class LLMClient:
             try:
                 resp = await self.sdk.chat.completions.create(**body, timeout=self.timeout)
             except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise FatalAPIError(f"{type(e).__name__} from {redact_url(self.base_url)}: {e.message}") from None
+                raise as_fatal(e, self.base_url) from None
             except openai.APIStatusError as e:
                 status = e.status_code
                 if self._format_rejected(e, mode):
@@ -205,9 +284,14 @@ class LLMClient:
                     json.JSONDecodeError) as e:
                 name = {openai.APITimeoutError: "timeout", openai.APIConnectionError: "connection"}.get(
                     type(e), "bad_response_body")
-                res.errors.append(name)
+                why = _connect_failure(e)
+                why = why and _scrub(why, self.base_url)
+                res.errors.append(f"{name}: {why}" if why else name)
                 transient += 1
+                connect_failures += why is not None
                 if transient > self.retry.max_retries:
+                    if connect_failures == transient:  # never got through once: no point sending the rest
+                        raise _unreachable(self.base_url, why, res.attempts) from None
                     res.status, res.reason = "failed", name
                     return res
                 await asyncio.sleep(self.retry.delay(transient, None))

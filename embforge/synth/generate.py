@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .client import ChatRequest, ChatResult, LLMClient, RetryPolicy, redact_url
+from .client import ChatRequest, ChatResult, LLMClient, RetryPolicy, as_fatal, redact_url, require_api_key
 from .config import SynthConfig
 from .cost import DEFAULT_PRICES, Budget, CostTracker
 from .ledger import Ledger
@@ -48,10 +48,14 @@ class Generator:
             raise ValueError("model: a model name is required (--model NAME)")
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.client = client or LLMClient(
-            cfg.base_url, cfg.model, resolve_api_key(cfg), mode=cfg.structured_output, timeout=cfg.request_timeout,
-            retry=RetryPolicy(cfg.max_retries, cfg.backoff_base, cfg.backoff_max, cfg.max_retry_after,
-                              cfg.parse_attempts, cfg.max_tokens_cap))
+        if client is None:
+            require_api_key(cfg.base_url, resolve_api_key(cfg), cfg.api_key_env)
+            client = LLMClient(
+                cfg.base_url, cfg.model, resolve_api_key(cfg), mode=cfg.structured_output,
+                timeout=cfg.request_timeout, retry=RetryPolicy(cfg.max_retries, cfg.backoff_base, cfg.backoff_max,
+                                                               cfg.max_retry_after, cfg.parse_attempts,
+                                                               cfg.max_tokens_cap))
+        self.client = client
         prices = {**DEFAULT_PRICES, **cfg.prices}
         self.tracker = CostTracker(prices, discount=cfg.batch.discount if cfg.batch.enabled else 1.0)
         self.budget = Budget(self.tracker, cfg.model, cfg.budget_usd)
@@ -79,6 +83,8 @@ class Generator:
         for rid, entry in self.ledger.latest.items():
             if entry["status"] == "accepted" and entry.get("record") and rid not in in_out:
                 self.records.append(entry["record"])
+                if self.cfg.validation.dedup:  # a restored record must block its duplicates like any other
+                    self.deduper.check(entry["record"])
                 restored += 1
         if restored:
             log(f"restored {restored} accepted record(s) missing from {self.out} after an interruption")
@@ -131,8 +137,14 @@ class Generator:
         if self.cfg.batch.enabled:
             from .batch import BatchExecutor
 
-            await BatchExecutor(self.client, self.cfg.batch, sidecar(self.out, f".batch-{desc}.json"),
-                                progress=self.cfg.progress).run(todo, handle, self.tracker)
+            try:
+                await BatchExecutor(self.client, self.cfg.batch, sidecar(self.out, f".batch-{desc}.json"),
+                                    progress=self.cfg.progress).run(todo, handle, self.tracker)
+            except Exception as e:  # the Batch API calls the SDK directly: same fatal rules as the online path
+                fatal = as_fatal(e, self.cfg.base_url)
+                if fatal is None:
+                    raise
+                self.runner.stop(fatal)
         else:
             await self.runner.run(todo, handle, total=len(todo), desc=desc)
 
@@ -180,10 +192,13 @@ class Generator:
         shortfall = {t: self.cfg.tasks_per_type - len(tasks.get(t, [])) for t in self.cfg.task_types
                      if TASK_TYPES[t].two_step and len(tasks.get(t, [])) < self.cfg.tasks_per_type}
         pending = sum(1 for r in brainstorms + examples if not led.finished(r.id))
+        stop_reason = self.runner.stop_reason
+        if stop_reason is None:
+            stop_reason = "incomplete" if pending else "complete" if sum(accepted.values()) else "nothing_accepted"
         report = {
             "out": str(self.out), "model": self.cfg.model, "base_url": redact_url(self.cfg.base_url),
             "structured_output": self._mode_used(), "seed": self.cfg.seed, "elapsed_s": round(elapsed, 2),
-            "stop_reason": self.runner.stop_reason or ("complete" if pending == 0 else "incomplete"),
+            "stop_reason": stop_reason,
             "fatal_error": self.runner.fatal, "resumed_finished_requests": self.resumed,
             "requests_this_run": dict(self.run_counts), "pending_requests": pending,
             "examples_planned": dict(planned), "examples_accepted": dict(accepted),

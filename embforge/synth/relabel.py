@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import ChatRequest, ChatResult, LLMClient, RetryPolicy, redact_url
+from .client import ChatRequest, ChatResult, LLMClient, RetryPolicy, redact_url, require_api_key
 from .cost import DEFAULT_PRICES, Budget, CostTracker
 from .config import LocalConfig
 from .generate import log, sidecar
@@ -165,10 +165,14 @@ class Relabeler:
                 raise ValueError(f"{key}: required (--{key})")
         self.cfg = cfg
         self.encoder = encoder
-        self.client = client or LLMClient(
-            cfg.base_url, cfg.model, os.environ.get(cfg.api_key_env) or cfg.api_key, mode=cfg.structured_output,
-            timeout=cfg.request_timeout, retry=RetryPolicy(cfg.max_retries, cfg.backoff_base, cfg.backoff_max,
-                                                           cfg.max_retry_after, cfg.parse_attempts, 64))
+        if client is None:
+            api_key = os.environ.get(cfg.api_key_env) or cfg.api_key
+            require_api_key(cfg.base_url, api_key, cfg.api_key_env)  # before loading an embedder or any request
+            client = LLMClient(
+                cfg.base_url, cfg.model, api_key, mode=cfg.structured_output, timeout=cfg.request_timeout,
+                retry=RetryPolicy(cfg.max_retries, cfg.backoff_base, cfg.backoff_max, cfg.max_retry_after,
+                                  cfg.parse_attempts, 64))
+        self.client = client
         self.tracker = CostTracker({**DEFAULT_PRICES, **cfg.prices})
         self.budget = Budget(self.tracker, cfg.model, cfg.budget_usd)
         self.templates = {g: load_template(f"grade_{g}", cfg.template_version, cfg.template_dir) for g in cfg.graders}
@@ -258,7 +262,9 @@ class Relabeler:
                   "fatal_error": runner.fatal, "grade_outcomes": dict(self.ledger.reasons("grade")),
                   "cost": self.tracker.summary(), "elapsed_s": round(time.time() - t0, 2)}
         path = sidecar(cfg.out, ".report.json")
-        path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)  # never leave a half-written report behind
         return report
 
     def _finish(self, rec: dict, cands: list[int], sims: dict[int, float], corpus: list[str]) -> dict | None:

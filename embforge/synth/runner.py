@@ -1,8 +1,8 @@
 """Run many chat requests with bounded concurrency, a budget, a progress bar and a clean stop.
 
 Workers pull from one iterator (not one coroutine per request), so memory stays flat for 500k requests.
-Stopping (budget reached, fatal API error) only stops dispatch: requests already in flight finish and are
-recorded, because they are paid for.
+Stopping (budget reached, fatal API error, endpoint unreachable) only stops dispatch: requests already in
+flight finish and are recorded, because they are paid for.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncio
 import sys
 from typing import Callable, Iterable
 
-from .client import ChatRequest, ChatResult, FatalAPIError, LLMClient
+from .client import ChatRequest, ChatResult, FatalAPIError, LLMClient, UnreachableError
 from .cost import Budget
 
 
@@ -38,6 +38,12 @@ class Runner:
         self.stop_reason: str | None = None
         self.fatal: str | None = None
         self.counts = {"ok": 0, "rejected": 0, "failed": 0}
+
+    def stop(self, err: FatalAPIError) -> None:
+        """Stop dispatching: every later request would meet the same error."""
+        if self.stop_reason not in ("fatal", "unreachable"):  # the first error is the one to report
+            self.stop_reason = "unreachable" if isinstance(err, UnreachableError) else "fatal"
+            self.fatal = str(err)
 
     def _charge(self, usage: dict) -> None:
         self.budget.tracker.add(self.client.model, usage)
@@ -71,7 +77,7 @@ class Runner:
                 try:
                     res = await self.client.complete(req, on_usage=self._charge, allow_more=allow_more)
                 except FatalAPIError as e:
-                    self.stop_reason, self.fatal = "fatal", str(e)
+                    self.stop(e)
                     return
                 finally:
                     self.budget.release(reserve + sum(extra))
