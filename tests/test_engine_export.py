@@ -11,7 +11,7 @@ from embforge.engine import Embedder, ModelConfig
 from embforge.engine.export import ExportError, eos_appending_tokenizer, export, query_prompt
 from embforge.engine.model import resolve_path
 
-st = pytest.importorskip("sentence_transformers")
+import sentence_transformers as st  # noqa: E402  (locked: a missing install must fail, not skip)
 
 INSTR = "Given a question, retrieve the passage that answers it"
 QUERIES = ["how do I sort a list", "what is a context manager?",

@@ -142,7 +142,6 @@ def test_nf4_qlora_gradients_match_dequantized_fp32_twin():
     """The 4-bit path: Linear4bit layers with double quantization, LoRA on all of them, and gradients equal to an
     fp32 model holding the dequantized weights, also after an `encode` (bitsandbytes' CPU repacking in eval mode
     once made them silently wrong)."""
-    pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
     e = Embedder.from_config(ModelConfig(path="tiny-mistral", quantization="nf4", lora=LoraConfig(dropout=0.0)),
                              "cpu")

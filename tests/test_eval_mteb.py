@@ -6,7 +6,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-mteb = pytest.importorskip("mteb")
+import mteb  # noqa: E402  (locked: a missing install must fail, not skip)
 
 from embforge.eval.beir import BeirDataset  # noqa: E402
 from embforge.eval.encoders import HashingEncoder, load_encoder  # noqa: E402

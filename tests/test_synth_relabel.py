@@ -80,7 +80,6 @@ def test_relabel_picks_graded_top_resumes_and_records_provenance(tmp_path):
 
 
 def test_relabel_with_the_bundled_sentence_transformers_model(tmp_path):
-    pytest.importorskip("sentence_transformers")
     from embforge.eval.encoders import minilm_path
 
     try:
