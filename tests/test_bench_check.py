@@ -27,8 +27,11 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cpu_check_passes_against_stored_baseline(workdir, capsys):
+    # Time rows get 100% here (the work counters stay exact): CI shares 2 cores, and a loaded machine moved
+    # step_over_matmul by +50-70% in a clean-clone run while 4 other jobs ran. The planted 4x slowdown below still
+    # has to fail at the default 30%.
     rc = main(["bench", "--device", "cpu", "--quick", "--parts", "e2e", "--check", "--out-dir", str(workdir / "run"),
-               "--model-cache", str(workdir / "models")])
+               "--model-cache", str(workdir / "models"), "--tolerance", "1.0"])
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     summary = json.loads((workdir / "run" / "bench_summary_cpu.json").read_text())
