@@ -35,9 +35,9 @@ GRADCACHE_TESTS = ["tests/test_engine_gradcache.py::test_gradcache_matches_indep
                    "tests/test_engine_gradcache.py::test_loss_equals_hand_written_reference_with_duplicates_masked",
                    "tests/test_engine_gradcache.py::test_gradcache_equals_unchunked_batch_without_dropout"]
 TRAIN_CONFIG_TESTS = ["tests/test_engine_gradcache.py::test_train_config_passes_same_tower_and_matryoshka"]
-TRAIN_TESTS = ["tests/test_engine_train.py::test_learnable_temperature_trains_and_is_restored_on_resume",
-               "tests/test_engine_train.py::test_sigint_checkpoints_after_the_current_step_and_resume_continues",
-               "tests/test_engine_train.py::test_save_checkpoint_keeps_the_last_two_in_step_order"]
+LEARN_TAU_TESTS = ["tests/test_engine_train.py::test_learnable_temperature_trains_and_is_restored_on_resume"]
+SIGNAL_TESTS = ["tests/test_engine_train.py::test_sigint_checkpoints_after_the_current_step_and_resume_continues"]
+PRUNE_TESTS = ["tests/test_engine_train.py::test_save_checkpoint_keeps_the_last_two_in_step_order"]
 
 
 @dataclass
@@ -116,14 +116,16 @@ MUTATIONS = [
     Mutation("train-matryoshka-not-passed", TRAIN, "matryoshka_dims=cfg.loss.matryoshka_dims",
              "matryoshka_dims=None", TRAIN_CONFIG_TESTS, 1, "train ignores loss.matryoshka_dims"),
     Mutation("train-tau-not-learned", TRAIN, "tau = log_tau.exp() if log_tau is not None",
-             "tau = log_tau.exp().detach() if log_tau is not None", TRAIN_TESTS, 1,
+             "tau = log_tau.exp().detach() if log_tau is not None", LEARN_TAU_TESTS, 1,
              "learnable temperature gets no gradient"),
     Mutation("checkpoint-log-tau-not-restored", CHECKPOINT, "            log_tau.copy_(tau)", "            pass",
-             TRAIN_TESTS, 1, "resume starts the temperature over"),
+             LEARN_TAU_TESTS, 1, "resume starts the temperature over"),
     Mutation("checkpoint-keep-3", CHECKPOINT, '.glob("step-*"))[:-keep]', '.glob("step-*"))[:-keep - 1]',
-             TRAIN_TESTS, 1, "prunes to keep+1 checkpoints"),
-    Mutation("train-signal-ignored", TRAIN, 'stop["flag"] = True', 'stop["flag"] = False', TRAIN_TESTS, 1,
+             PRUNE_TESTS, 1, "prunes to keep+1 checkpoints"),
+    Mutation("train-signal-ignored", TRAIN, 'stop["flag"] = True', 'stop["flag"] = False', SIGNAL_TESTS, 1,
              "SIGINT/SIGTERM no longer stop and checkpoint"),
+    Mutation("train-tau-weight-decay", TRAIN, '"weight_decay": 0.0}', '"weight_decay": cfg.optim.weight_decay}',
+             LEARN_TAU_TESTS, 1, "weight decay pulls the learnable temperature toward 1"),
 ]
 
 

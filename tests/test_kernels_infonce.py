@@ -419,14 +419,36 @@ GPU_CASES = [(37, 3, 384, 0.05, "plain"), (130, 7, 96, 0.1, "plain"), (300, 1, 4
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("B,K_neg,H,tau,features", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_triton_matches_reference(B, K_neg, H, tau, features, dtype):
-    # Triton picks interpreter or compiler when a kernel is decorated (import time), not per call.
-    from triton.runtime.interpreter import InterpretedFunction
-    assert not isinstance(K._infonce_rows_kernel, InterpretedFunction), \
-        "the kernels were decorated under TRITON_INTERPRET=1: run the GPU tests with TRITON_INTERPRET=0"
+def test_cuda_triton_matches_reference(B, K_neg, H, tau, features, dtype, monkeypatch):
+    compiled_kernels(monkeypatch)
     device_case("cuda", B, K_neg, H, tau, dtype, features)
+
+
+def compiled_kernels(monkeypatch):
+    """conftest sets TRITON_INTERPRET=1 before triton is imported, and Triton chooses interpreter or compiler when a
+    kernel is decorated: swap in compiled versions of the same kernel functions for the GPU tests."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if hasattr(triton, "knobs"):
+        monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    for name in ("_infonce_rows_kernel", "_project_rows_kernel"):
+        kernel = getattr(K, name)
+        if isinstance(kernel, InterpretedFunction):
+            monkeypatch.setattr(K, name, JITFunction(kernel.fn))
+        assert isinstance(getattr(K, name), JITFunction)
 
 
 @pytest.mark.parametrize("features", ["plain", "features"])
 def test_gpu_check_runs_on_cpu(features):
     device_case("cpu", 7, 2, 32, 0.1, torch.float32, features)
+
+
+def test_compiled_kernel_swap_is_undone(monkeypatch):
+    """The GPU tests' kernel swap constructs on CPU too (nothing compiles until a launch) and is undone after."""
+    before = K._infonce_rows_kernel
+    with monkeypatch.context() as m:
+        compiled_kernels(m)
+    assert K._infonce_rows_kernel is before
