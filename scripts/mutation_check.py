@@ -30,7 +30,15 @@ TRAIN = "embforge/engine/train.py"
 CHECKPOINT = "embforge/engine/checkpoint.py"
 
 # Test sets (pytest node ids, run in the copy). Kept to the tests that target the mutated code.
-KERNEL_TESTS = ["tests/test_kernels_infonce.py"]
+# Feature tests first (pytest runs node ids in the order given, and -x stops at the first failure), then the grids.
+KERNEL_TESTS = [f"tests/test_kernels_infonce.py::{t}" for t in (
+    "test_masking_of_duplicates_and_query_ids", "test_same_tower", "test_matryoshka_every_term_counts",
+    "test_temperature_tensor_gradient_and_value", "test_gradient_scales_with_the_upstream_gradient",
+    "test_chunking_gives_the_same_loss_and_gradients", "test_no_grad_forward_matches_reference",
+    "test_gpu_check_runs_on_cpu", "test_more_candidates_than_one_block_and_positive_index",
+    "test_single_candidate_loss_and_gradients_are_exactly_zero", "test_gradcheck_float64_with_every_feature",
+    "test_properties_rows_of_G_sum_to_zero_and_radial_grad_is_zero", "test_triton_backend",
+    "test_torch_backend_grid")]
 GRADCACHE_TESTS = ["tests/test_engine_gradcache.py::test_gradcache_matches_independent_reference",
                    "tests/test_engine_gradcache.py::test_loss_equals_hand_written_reference_with_duplicates_masked",
                    "tests/test_engine_gradcache.py::test_gradcache_equals_unchunked_batch_without_dropout"]
