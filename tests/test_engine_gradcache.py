@@ -3,7 +3,9 @@
 Two references. With LoRA dropout the full-batch graph must draw the same dropout masks, and a mask's shape is the
 padded chunk's shape, so the reference embeds the same chunks from the same starting RNG state, but all inside one
 autograd graph followed by one backward: any mismatch of the replayed RNG in pass 2 shows up as a gradient error.
-Without dropout the reference is the plain unchunked batch (one forward of everything, one backward)."""
+Without dropout the reference is the plain unchunked batch (one forward of everything, one backward). Same tower,
+Matryoshka and duplicate masking are checked against an independent step: every text embedded alone with grad, the
+float64 reference loss of tests/infonce_reference.py, one backward; and through train's YAML config."""
 import pytest
 import torch
 

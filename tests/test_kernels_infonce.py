@@ -152,7 +152,8 @@ def test_single_candidate_loss_and_gradients_are_exactly_zero():
 # Masking of duplicates / known false negatives, and same-tower negatives
 # ----------------------------------------------------------------------------------------------------------
 def duplicate_batch(dtype=torch.float32, tau=0.1, B=7, K_neg=2, H=24, seed=11):
-    """Every masking rule has a case in this batch, each with vectors identical to what it duplicates."""
+    """Every masking rule has a case in this batch, each duplicate pointing exactly the way of what it duplicates
+    (cosine 1; norms differ, so normalization stays part of what is tested)."""
     assert B >= 7 and K_neg >= 2
     # Positives lead by ~3.5 logits: a duplicate of a positive then takes a large share of its query's softmax.
     q, d = make(B, K_neg, H, tau=tau, dtype=torch.float64, seed=seed, lead=3.5)
@@ -185,8 +186,9 @@ def test_masking_of_duplicates_and_query_ids(backend, dtype):
     differs(ref_loss(q, d, tau), right, 0.01, "all id masking")
     differs(ref_loss(q, d, tau, skip_rules=("dup",), **ids), right, 0.01, "duplicate-of-positive rule")
     differs(ref_loss(q, d, tau, skip_rules=("qid",), **ids), right, 0.01, "query-id rule")
+    G = 3                                   # duplicate_batch's group size (K_neg = 2)
     did_masking_unknown = did.clone()
-    did_masking_unknown[3 * 3 + 2] = did[3]
+    did_masking_unknown[3 * G + 2] = did[G]  # give the copy of query 1's positive that positive's id
     differs(ref_loss(q, d, tau, query_ids=qid, doc_ids=did_masking_unknown), right, 0.004, "unknown id kept")
     # The code applies exactly these rules (loss and every gradient), also with doc ids alone.
     check(q, d, tau, backend, chunk_size=3, **ids)
