@@ -3,13 +3,16 @@
 Two references. With LoRA dropout the full-batch graph must draw the same dropout masks, and a mask's shape is the
 padded chunk's shape, so the reference embeds the same chunks from the same starting RNG state, but all inside one
 autograd graph followed by one backward: any mismatch of the replayed RNG in pass 2 shows up as a gradient error.
-Without dropout the reference is the plain unchunked batch (one forward of everything, one backward)."""
+Without dropout the reference is the plain unchunked batch (one forward of everything, one backward). Same tower,
+Matryoshka and duplicate masking are checked against an independent step: every text embedded alone with grad, the
+float64 reference loss of tests/infonce_reference.py, one backward; and through train's YAML config."""
 import pytest
 import torch
 
 from embforge.engine import ContrastiveBatch, Embedder, LoraConfig, ModelConfig, contrastive_step, make_chunks
 from embforge.engine.gradcache import CPU_CHUNK_TOKENS, text_ids
 from embforge.kernels import infonce_loss
+from infonce_reference import reference_total
 
 QUERIES = ["what is a cat", "how do planes fly at high altitude over the oceans", "x", "define entropy",
            "capital of France"]
@@ -92,18 +95,110 @@ def test_gradcache_equals_full_batch_with_lora_dropout(family, checkpointing):
     assert rel_err(take_grads(e), g_ref) > 1e-2
 
 
-@pytest.mark.parametrize("options", [{}, {"same_tower": True, "matryoshka_dims": [32, 64],
-                                          "matryoshka_weights": [0.5, 1.0]}], ids=["plain", "gecko"])
-def test_gradcache_equals_unchunked_batch_without_dropout(options):
+def test_gradcache_equals_unchunked_batch_without_dropout():
     e = embedder("mistral", 0.0)
     batch = make_batch()
-    res = contrastive_step(e, batch, chunk_tokens=30, max_chunk_seqs=3, **options)
+    res = contrastive_step(e, batch, chunk_tokens=30, max_chunk_seqs=3, temperature=TAU)
     g_cache = take_grads(e)
-    one = contrastive_step(e, batch, chunk_tokens=10**6, **options)   # everything in one chunk: single pass
+    one = contrastive_step(e, batch, chunk_tokens=10**6, temperature=TAU)   # everything in one chunk: single pass
     g_full = take_grads(e)
     assert one.n_chunks == 1 and res.n_chunks > 3
     assert abs(res.loss - one.loss) <= 1e-5 * abs(one.loss)
     assert rel_err(g_cache, g_full) < 1e-4
+
+
+# With the tiny random decoders, TAU = 0.1 keeps the softmax spread over many candidates (measured losses 5-7), so
+# every term of the loss (duplicates, other queries, each Matryoshka prefix) carries gradient.
+TAU = 0.1
+GECKO = {"same_tower": True}
+MRL = {"matryoshka_dims": [64, 16], "matryoshka_weights": [1.0, 0.5]}
+
+
+def independent_step(e, batch, tau, *, detach_copy=False, **options):
+    """An independent computation of one step: every text embedded alone with grad (no padding, no chunks, no cache),
+    ids from the texts, the float64 reference loss (tests/infonce_reference.py), one backward.
+    Returns (loss, flattened gradient of the trainable parameters)."""
+    seqs = all_seqs(e, batch)
+    reps = torch.cat([e.forward_tokens(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs])
+    texts = batch.queries + batch.documents
+    ids = torch.tensor([texts.index(t) for t in texts])
+    B, N = len(batch.queries), len(batch.documents)
+    loss = reference_total(reps[:B].double(), reps[B:].double(), tau, torch.arange(B) * (N // B),
+                           query_ids=ids[:B], doc_ids=ids[B:], detach_copy=detach_copy, **options)
+    loss.backward()
+    return float(loss), take_grads(e)
+
+
+def assert_moves(a, b, margin, what):
+    """The variant a differs from the right step b: its gradient by more than `margin` (relative), far above the
+    1e-4 the comparison with contrastive_step allows, so the test cannot pass without the feature."""
+    (la, ga), (lb, gb) = a, b
+    assert rel_err(ga, gb) > margin, f"{what}: gradient changes by only {rel_err(ga, gb):.3g} (loss {la} vs {lb})"
+
+
+@pytest.mark.parametrize("options,backend", [({}, "torch"), (GECKO, "torch"), (MRL, "torch"),
+                                             pytest.param({**GECKO, **MRL}, "triton", marks=pytest.mark.slow)],
+                         ids=["masking", "same_tower", "matryoshka", "both-triton"])
+def test_gradcache_matches_independent_reference(options, backend):
+    e = embedder("mistral", 0.0)
+    batch = make_batch()
+    right = independent_step(e, batch, TAU, **options)
+    # The options visibly change the step, each part of them included.
+    if options:
+        assert_moves(independent_step(e, batch, TAU), right, 0.05, "the options")
+    else:
+        # The duplicate in the batch (query 1's hard negative is query 0's positive) is masked, visibly. (With
+        # same_tower the other queries dominate this random model's softmax: the kernel tests cover masking there.)
+        assert_moves(independent_step(e, batch, TAU, skip_rules=("dup", "qid")), right, 0.01, "masking the duplicate")
+    if options.get("same_tower"):
+        assert_moves(independent_step(e, batch, TAU, detach_copy=True, **options), right, 0.01,
+                     "the gradient through the queries-as-candidates copy")
+    if options.get("matryoshka_dims"):
+        without_full = {**options, "matryoshka_dims": [16], "matryoshka_weights": [0.5]}
+        assert_moves(independent_step(e, batch, TAU, **without_full), right, 0.05, "the full-dimension term")
+    res = contrastive_step(e, batch, temperature=TAU, chunk_tokens=30, max_chunk_seqs=3, loss_backend=backend,
+                           **options)
+    g = take_grads(e)
+    assert res.n_chunks > 3
+    assert abs(res.loss - right[0]) <= 1e-5 * abs(right[0]), (res.loss, right[0])
+    assert rel_err(g, right[1]) < 1e-4
+    one = contrastive_step(e, batch, temperature=TAU, chunk_tokens=10**6, loss_backend=backend,
+                           **options)     # the single-pass path
+    assert one.n_chunks == 1 and abs(one.loss - right[0]) <= 1e-5 * abs(right[0])
+    assert rel_err(take_grads(e), right[1]) < 1e-4
+
+
+def test_train_config_passes_same_tower_and_matryoshka(tmp_path):
+    """loss.same_tower / loss.matryoshka_* in the YAML config reach the step: train's first loss and gradient norm
+    equal the independent reference's on the same model and batch, and differ from the plain loss's."""
+    import json
+
+    from embforge.config import load_config
+    from embforge.engine.data import ExampleFile, batch_at
+    from embforge.engine.demo_data import build
+    from embforge.engine.train import TrainConfig, to_batch, train
+
+    data = tmp_path / "train.jsonl"
+    build(data)
+    cfg = load_config(TrainConfig, None, [
+        "model.path=tiny-llama", "model.lora.dropout=0.0", f"data.train=[{data}]", "batch.queries=4",
+        "batch.chunk_tokens=64", "steps=1", f"loss.temperature={TAU}", "loss.same_tower=true",
+        "loss.matryoshka_dims=[64,16]", "loss.matryoshka_weights=[1.0,0.5]", f"output_dir={tmp_path / 'run'}",
+        "checkpoint_every=0", "device=cpu"])
+    result = train(cfg, progress=False)
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["chunks"] > 1
+    # The same model (train seeds before building it) and the same first batch.
+    torch.manual_seed(cfg.seed)
+    e = Embedder.from_config(cfg.model, torch.device("cpu"))
+    e.model.train()
+    examples, _ = batch_at(ExampleFile(cfg.data.train), 0, cfg.batch.queries, cfg.seed)
+    batch = to_batch(examples, cfg.batch.negatives, cfg.seed)
+    loss, g = independent_step(e, batch, TAU, **GECKO, **MRL)
+    plain_loss, g_plain = independent_step(e, batch, TAU)
+    assert abs(plain_loss - loss) > 0.05 * loss and abs(float(g_plain.norm()) - float(g.norm())) > 0.01 * g.norm()
+    assert abs(result["losses"][0] - loss) <= 1e-5 * loss, (result["losses"][0], loss)
+    assert abs(rec["grad_norm"] - float(g.norm())) <= 1e-4 * float(g.norm())   # clip_grad_norm_ returns the norm
 
 
 def test_loss_equals_hand_written_reference_with_duplicates_masked():

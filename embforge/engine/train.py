@@ -192,11 +192,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     if data.skipped:
         print(f"[train] skipped {len(data.skipped)} bad lines; first: {data.skipped[0]}", file=sys.stderr)
     params = embedder.trainable_parameters()
+    groups = [{"params": params}]
     log_tau = None
     if cfg.loss.learnable_temperature:
         log_tau = torch.nn.Parameter(torch.tensor(math.log(cfg.loss.temperature), device=device))
         params = params + [log_tau]
-    optimizer = make_optimizer(params, cfg.optim, device)
+        # No weight decay on the temperature: decay would pull log(tau) toward 0, i.e. tau toward 1.
+        groups.append({"params": [log_tau], "weight_decay": 0.0})
+    optimizer = make_optimizer(groups, cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start_step, position, losses = 0, 0, []
     metrics_path = out / "metrics.jsonl"
