@@ -31,13 +31,15 @@ def free_port() -> int:
 
 def global_batch() -> ContrastiveBatch:
     """6 queries x (positive + 2 hard negatives), with duplicates that land on different ranks: query 3 repeats
-    query 0, and query 4's positive is query 1's hard negative (both must be masked, not used as negatives)."""
+    query 0, and query 4's positive is query 1's hard negative (both must be masked, not used as negatives).
+    One long document makes the last rank's chunk count differ (FSDP2 then pads the others with empty chunks)."""
     qs = ["how do tides work", "best way to brew coffee", "what is a prime number", "how do tides work",
           "why is the sky blue", "how to tie a bowline knot"]
     docs = []
     for i, q in enumerate(qs):
         docs += [f"answer about {q} number {i}", f"unrelated text {i} about trains", f"another distractor {i}"]
     docs[4] = docs[12]       # query 1's first hard negative == query 4's positive
+    docs[-1] += " with a long tail of many more words" * 5   # the last rank runs more chunks than the others
     return ContrastiveBatch(qs, ["Retrieve the answer."] * len(qs), docs)
 
 
@@ -299,3 +301,18 @@ def test_killed_rank_stops_the_run_and_resume_reproduces_it(tmp_path):
     lf = {m["step"]: m["loss"] for m in metrics(full)}
     lc = {m["step"]: m["loss"] for m in metrics(cut)}                 # the resumed steps overwrite nothing
     assert all(lc[s] == pytest.approx(lf[s], rel=1e-6) for s in lf)
+
+
+@pytest.mark.slow
+def test_fsdp2_gradients_equal_one_process_and_ddp(tmp_path):
+    """FSDP2 (fully_shard per decoder layer + root, gloo on CPU) on the unquantized tiny model: the same gradients
+    as the one-process step, which test_ddp_step_equals_one_process holds DDP to, hence the same as DDP."""
+    cases = ["negatives_chunked", "same_tower_matryoshka_one_chunk"]
+    got = run_ranks(2, tmp_path, "fsdp", cases)
+    for name in cases:
+        kw, _ = CASES[name]
+        emb = _embedder()
+        _set_dropout(emb, 0.0)
+        res = contrastive_step(emb, global_batch(), **kw)
+        assert got[name]["loss"] == pytest.approx(res.loss, rel=1e-5)
+        assert_close(got[name]["grads"], _grads(emb))
