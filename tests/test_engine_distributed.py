@@ -51,10 +51,10 @@ CASES = {  # name: (step kwargs, dropout p)
 }
 
 
-def _embedder():
+def _embedder(path="tiny-llama", quantization="none"):
     from embforge.engine.model import Embedder, ModelConfig
     torch.manual_seed(0)
-    emb = Embedder.from_config(ModelConfig(path="tiny-llama", lora=_lora()), "cpu")
+    emb = Embedder.from_config(ModelConfig(path=path, quantization=quantization, lora=_lora()), "cpu")
     emb.model.train()
     return emb
 
@@ -75,12 +75,12 @@ def _grads(emb) -> dict:
     return {n: full_tensor(p.grad).detach().clone() for n, p in emb.model.named_parameters() if p.requires_grad}
 
 
-def _step_worker(rank, world_size, port, out_dir, strategy, cases):
+def _step_worker(rank, world_size, port, out_dir, strategy, cases, model_kw):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from embforge.engine.distributed import init_distributed, wrap
     dist_, _ = init_distributed(DistributedConfig(timeout_s=120), "cpu")
-    emb = _embedder()
+    emb = _embedder(**model_kw)
     wrapped = wrap(emb, dist_, strategy)
     results = {}
     for name in cases:
@@ -96,9 +96,9 @@ def _step_worker(rank, world_size, port, out_dir, strategy, cases):
     dist_.shutdown()
 
 
-def run_ranks(world_size, tmp_path, strategy, cases) -> dict:
-    mp.spawn(_step_worker, args=(world_size, free_port(), str(tmp_path), strategy, cases), nprocs=world_size,
-             join=True)
+def run_ranks(world_size, tmp_path, strategy, cases, **model_kw) -> dict:
+    mp.spawn(_step_worker, args=(world_size, free_port(), str(tmp_path), strategy, cases, model_kw),
+             nprocs=world_size, join=True)
     return torch.load(tmp_path / f"{strategy}-{world_size}.pt")
 
 
@@ -157,6 +157,19 @@ def test_ddp_step_equals_one_process(tmp_path, world_size):
         assert_close(got[name]["grads"], want)
 
 
+@pytest.mark.slow
+def test_qlora_ddp_step_equals_one_process(tmp_path):
+    """DDP's default use: a 4-bit (bitsandbytes nf4) base replicated per rank, LoRA trained."""
+    pytest.importorskip("bitsandbytes")
+    model = dict(path="tiny-mistral", quantization="nf4")
+    got = run_ranks(2, tmp_path, "ddp", ["negatives_chunked"], **model)["negatives_chunked"]
+    emb = _embedder(**model)
+    _set_dropout(emb, 0.0)
+    res = contrastive_step(emb, global_batch(), **CASES["negatives_chunked"][0])
+    assert got["loss"] == pytest.approx(res.loss, rel=1e-5)
+    assert_close(got["grads"], _grads(emb))
+
+
 def test_refusals_before_any_model_loads(tmp_path):
     from embforge.config import load_config
     from embforge.engine.train import TrainConfig
@@ -170,6 +183,12 @@ def test_refusals_before_any_model_loads(tmp_path):
         check_launch(cfg, 2)
     with pytest.raises(Exception, match="distributed.strategy"):
         load_config(TrainConfig, None, ["data.train=[x]", "distributed.strategy=zero3"])
+    # the CLI shortcut refuses before it starts any process
+    r = subprocess.run([sys.executable, "-m", "embforge", "train", "--nproc", "4", "--config",
+                        str(write_config(tmp_path, tmp_path / "x", steps=1, dropout=0.0))], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not divisible by the world size 4" in r.stderr
+    assert "torch.distributed.run" not in r.stderr
 
 
 def test_one_process_has_no_distributed_path():

@@ -204,7 +204,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     """Run training; returns {"losses": [...], "eval": {...}}. `stop_after` simulates an interruption (tests).
     Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
     dist_, device = init_distributed(cfg.distributed, cfg.device)
-    check_launch(cfg, dist_.world_size)          # before any model loads
+    if dist_.active:
+        check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
     fsdp = dist_.active and cfg.distributed.strategy == "fsdp"
     if fsdp and resume:
         raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
