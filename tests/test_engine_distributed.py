@@ -218,7 +218,7 @@ def test_shard_batch_slices_with_global_ids():
 
 
 # ------------------------------------------------------------------------------------ torchrun end to end
-def write_config(tmp_path, out, *, steps, dropout, checkpoint_every=0) -> Path:
+def write_config(tmp_path, out, *, steps, dropout, checkpoint_every=0, loss=None) -> Path:
     from embforge.engine.demo_data import build
     data = tmp_path / "train.jsonl"
     if not data.exists():
@@ -227,7 +227,7 @@ def write_config(tmp_path, out, *, steps, dropout, checkpoint_every=0) -> Path:
     cfg.write_text(json.dumps({   # JSON is YAML
         "model": {"path": "tiny-llama", "lora": {"r": 4, "alpha": 8, "dropout": dropout}},
         "data": {"train": [str(data)]}, "batch": {"queries": 6, "negatives": 1, "chunk_tokens": 64},
-        "optim": {"warmup_steps": 1, "lr": 1e-3}, "steps": steps, "output_dir": str(out),
+        "optim": {"warmup_steps": 1, "lr": 1e-3}, "steps": steps, "output_dir": str(out), "loss": loss or {},
         "checkpoint_every": checkpoint_every, "device": "cpu", "distributed": {"timeout_s": 60}}))
     return cfg
 
@@ -256,11 +256,12 @@ def test_torchrun_train_matches_one_process(tmp_path):
     from embforge.config import load_config
     from embforge.engine.train import TrainConfig, train
     one = tmp_path / "one"
-    train(load_config(TrainConfig, write_config(tmp_path, one, steps=3, dropout=0.0)), progress=False)
+    loss = {"learnable_temperature": True, "same_tower": True}    # tau's gradient is summed outside DDP
+    train(load_config(TrainConfig, write_config(tmp_path, one, steps=3, dropout=0.0, loss=loss)), progress=False)
     two = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "embforge", "train", "--nproc", "2", "--config",
-                        str(write_config(tmp_path, two, steps=3, dropout=0.0))], env=env(), capture_output=True,
-                       text=True, timeout=600)
+                        str(write_config(tmp_path, two, steps=3, dropout=0.0, loss=loss))], env=env(),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('"final_loss"') == 1                      # one voice
     m1, m2 = metrics(one), metrics(two)
@@ -268,7 +269,8 @@ def test_torchrun_train_matches_one_process(tmp_path):
     for a, b in zip(m1, m2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-    assert m1[0]["loss"] != m1[2]["loss"]                           # it trained
+        assert b["temperature"] == pytest.approx(a["temperature"], rel=1e-6)
+    assert m1[0]["loss"] != m1[2]["loss"] and m1[2]["temperature"] != 0.02   # it trained
     w1, w2 = adapter(one), adapter(two)
     assert_close(w2, w1, rtol=1e-4)
 
