@@ -20,6 +20,7 @@ Gradients synchronize once per optimizer step: GradCache's pass 2 runs every chu
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -227,20 +228,22 @@ def shard_batch(batch, dist_: Dist):
 
 # ------------------------------------------------------------------------------------------------ wrapping
 class _Encode(torch.nn.Module):
-    """The module DDP / FSDP2 wrap: its forward is the embedder's forward_tokens, so the engines' forward hooks
-    (DDP's reducer preparation, FSDP2's unshard) run on every GradCache forward."""
+    """The module DDP / FSDP2 wrap: its forward calls an embedder method (forward_tokens), so the engines' forward
+    hooks (DDP's reducer preparation, FSDP2's unshard) run on every GradCache forward."""
 
     def __init__(self, embedder):
         super().__init__()
         self.embedder = embedder
 
-    def forward(self, input_ids, attention_mask):
-        return self.embedder.forward_tokens(input_ids, attention_mask)
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.embedder, method)(*args, **kwargs)
 
 
 class WrappedEmbedder:
-    """The embedder as GradCache sees it on N ranks: every attribute is the embedder's, except the forward, which
-    goes through the engine. If the step's forward call changes name, route the new name here (ROUTED)."""
+    """The embedder as GradCache sees it on N ranks: every attribute is the embedder's, except the methods GradCache
+    runs its forwards with (ROUTED), which go through the engine. A forward that bypassed the engine would leave
+    DDP's gradients unreduced: when the step calls a new embedder method to embed a chunk, add its name here
+    (tests/test_engine_distributed.py fails otherwise)."""
 
     ROUTED = ("forward_tokens",)
 
@@ -248,10 +251,9 @@ class WrappedEmbedder:
         self.__dict__.update(embedder=embedder, engine=engine, strategy=strategy)
 
     def __getattr__(self, name):
+        if name in self.ROUTED:
+            return functools.partial(self.engine, name)
         return getattr(self.embedder, name)
-
-    def forward_tokens(self, input_ids, attention_mask):
-        return self.engine(input_ids, attention_mask)
 
     @contextlib.contextmanager
     def grad_sync(self, enabled: bool):
