@@ -252,7 +252,7 @@ def adapter(out) -> dict:
 
 
 @pytest.mark.slow
-def test_torchrun_train_matches_one_process(tmp_path):
+def test_torchrun_train_matches_one_process(tmp_path, capsys):
     from embforge.config import load_config
     from embforge.engine.train import TrainConfig, train
     one = tmp_path / "one"
@@ -273,6 +273,17 @@ def test_torchrun_train_matches_one_process(tmp_path):
     assert m1[0]["loss"] != m1[2]["loss"] and m1[2]["temperature"] != 0.02   # it trained
     w1, w2 = adapter(one), adapter(two)
     assert_close(w2, w1, rtol=1e-4)
+    # Resume the 2-rank run on ONE process (another world size) and the one-process run alike, to step 5: the data
+    # order does not depend on the world size, so both continue the same way.
+    for out in (one, two):
+        train(load_config(TrainConfig, write_config(tmp_path, out, steps=5, dropout=0.0, loss=loss)), resume=True,
+              progress=False)
+    assert "written by 2 rank(s), resuming on 1" in capsys.readouterr().err
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["step"] for m in m2] == [1, 2, 3, 4, 5]
+    for a, b in zip(m1[3:], m2[3:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert_close(adapter(two), adapter(one), rtol=1e-4)
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
