@@ -5,7 +5,8 @@
 
 Parts: kernels (InfoNCE), pooling, e2e (GradCache step on a Mistral-shaped model + the sentence-transformers peer +
 levers), e2e_big (2048 queries + 4096 documents per step, memory target), step_memory (peak RSS vs effective batch
-on SmolLM2, CPU). Default: kernels,pooling,e2e. On CUDA the kernel parts run their short sweep (the full sweeps are
+on SmolLM2, CPU), distributed (CPU: 2 gloo ranks give the one-process gradients; a correctness row, not a speed
+claim). Default: kernels,pooling,e2e. On CUDA the kernel parts run their short sweep (the full sweeps are
 `python bench/bench_infonce.py` / `bench_pooling.py`) and e2e gets what is left of an 8-minute budget, so the
 default suite fits in 10 minutes on one H100 including model initialization (levers that would not fit are
 skipped, each with a row saying so).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINES = REPO / "bench" / "baselines"
-PARTS = ["kernels", "pooling", "e2e", "e2e_big", "step_memory"]
+PARTS = ["kernels", "pooling", "e2e", "e2e_big", "step_memory", "distributed"]
 DEFAULT_PARTS = "kernels,pooling,e2e"
 CUDA_SUITE_BUDGET_S = 480  # e2e skips a lever whose estimate would pass this; the rest of 10 min is margin
 
@@ -111,6 +112,10 @@ def run_parts(args, device: str, plant: dict | None = None) -> dict:
                 result["attempted"][part] = [r["lever"] for r in rows]
                 if not any(r.get("status") == "ok" for r in rows):
                     raise RuntimeError("no e2e configuration ran: " + "; ".join(r["status"] for r in rows))
+            elif part == "distributed":
+                from embforge.bench import distributed
+                rows = distributed.run(device, out_dir, args.quick)
+                metrics, config = {}, {"world_size": rows[0]["world_size"], "backend": "gloo"}
             else:  # step_memory
                 rows = _load_script("bench_step_memory").run(device, out_dir, args.quick)
                 metrics = summary.step_memory_metrics(rows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed training lines")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this node: runs `torchrun --standalone --nproc_per_node=N -m "
+                        "embforge train ...` (several nodes: call torchrun yourself, see docs/distributed.md)")
     t.set_defaults(func=cmd_train)
 
     e = subparsers.add_parser("encode", help="embed texts with a trained model")
@@ -43,16 +47,47 @@ def cmd_train(args) -> int:
     from embforge.engine.data import DataError
     from embforge.engine.train import TrainConfig, train
 
+    from embforge.engine.distributed import check_launch, launched_by_torchrun
+
     overrides = list(args.set) + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
+        if args.nproc is not None:
+            if args.nproc < 1:
+                raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+            if launched_by_torchrun():
+                raise ValueError("--nproc inside torchrun: drop one of them")
+            check_launch(cfg, args.nproc)        # refuse before starting N processes
+            return _run_torchrun(args)
         result = train(cfg, resume=args.resume)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"embforge train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"final_loss": result["losses"][-1], "steps": len(result["losses"]),
-                      "eval": result["eval"]}, indent=2))
+    finally:
+        _leave_process_group()
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":   # one voice
+        print(json.dumps({"final_loss": result["losses"][-1], "steps": len(result["losses"]),
+                          "eval": result["eval"]}, indent=2))
     return 0
+
+
+def _run_torchrun(args) -> int:
+    """torchrun on this node; its exit status is ours (non-zero when any rank failed)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "embforge", "train", "--config", args.config]
+    for item in args.set:
+        cmd += ["--set", item]
+    cmd += ["--resume"] * args.resume + ["--skip-bad-lines"] * args.skip_bad_lines
+    print(f"embforge train: {' '.join(cmd[2:])}", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def _leave_process_group():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _read_texts(args) -> list[str]:

@@ -9,6 +9,11 @@ Chunks are formed by a token budget after sorting all sequences by length, and e
 longest member, so a chunk of short queries never pays for the longest document. Identical texts anywhere in the
 batch get the same id, so a duplicate is never used as a negative. When everything fits in one chunk the step is a
 single forward with grad (no second pass).
+
+On N ranks (`dist`, see engine/distributed.py) the batch is this rank's slice of the global batch, with global text
+ids; the loss gathers every rank's embeddings and ids, computes only this rank's query rows against all of them, and
+the gather's backward returns each embedding's gradient to its owner, so pass 2 is unchanged. Parameter gradients
+are reduced (SUM) once, in the last chunk's backward.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from embforge.engine.distributed import grad_sync
 from embforge.kernels import infonce_loss
 
 CPU_CHUNK_TOKENS = 4096   # "auto" on CPU: memory is rarely the limit there, and larger chunks stop paying off
@@ -171,8 +177,12 @@ def auto_chunk_tokens(embedder, *, seq_len: int | None = None, headroom: float =
 
 def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | torch.Tensor = 0.02,
                      chunk_tokens: int | str = 4096, max_chunk_seqs: int | None = None, same_tower: bool = False,
-                     matryoshka_dims=None, matryoshka_weights=None, loss_backend: str = "auto") -> StepResult:
+                     matryoshka_dims=None, matryoshka_weights=None, loss_backend: str = "auto",
+                     dist=None) -> StepResult:
     """One GradCache step; gradients accumulate into the trainable parameters' .grad (the caller zeroes them).
+
+    dist: a distributed.Dist with a process group, to train on N ranks (the embedder then a WrappedEmbedder and the
+    batch this rank's slice with global ids, see distributed.shard_batch); result.loss is then the global loss.
 
     chunk_tokens: padded tokens per chunk (rows x longest row), or "auto" (see auto_chunk_tokens). The batch size
     is the batch's; this only sets how much runs through the encoder at once. Train/eval mode is the caller's."""
@@ -190,12 +200,16 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     chunks = make_chunks([len(s) for s in seqs], int(chunk_tokens), max_chunk_seqs)
     if batch.query_ids is not None:
         qid, did = torch.tensor(batch.query_ids, dtype=torch.long), torch.tensor(batch.doc_ids, dtype=torch.long)
+    elif dist is not None and dist.active:
+        raise ValueError("contrastive_step on several ranks needs the global batch's text ids "
+                         "(ContrastiveBatch.query_ids/doc_ids, as distributed.shard_batch sets them)")
     else:
         qid, did = text_ids(batch.queries, batch.documents)
     loss_kw = dict(query_ids=qid.to(dev), doc_ids=did.to(dev), same_tower=same_tower,
                    matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=loss_backend)
+    chunks = _equal_chunk_count(chunks, embedder, dist)
     result = StepResult(0.0, len(chunks), sum(len(s) for s in seqs),
-                        sum(len(c) * len(seqs[c[0]]) for c in chunks), int(chunk_tokens))
+                        sum(len(c) * len(seqs[c[0]]) for c in chunks if c), int(chunk_tokens))
     index = [torch.tensor(c, device=dev) for c in chunks]
 
     if len(chunks) == 1:
@@ -204,12 +218,12 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
         reps = torch.empty_like(emb).index_copy(0, index[0], emb)   # back to batch order, differentiably
         _sync(dev)
         t1 = time.perf_counter()
-        loss = infonce_loss(reps[:B], reps[B:], temperature, **loss_kw)
+        loss = _loss(reps, B, temperature, loss_kw, dist)
         _sync(dev)
         t2 = time.perf_counter()
         loss.backward()
         _sync(dev)
-        result.loss = float(loss.detach())
+        result.loss = _global_value(loss, dist)
         result.timings = {"pass1": t1 - t0, "loss": t2 - t1, "pass2": time.perf_counter() - t2}
         return result
 
@@ -219,6 +233,9 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     with torch.no_grad():
         for c, idx in zip(chunks, index):
             states.append(_RngState(dev))
+            if not c:   # an empty chunk (FSDP2: every rank runs as many forwards as the busiest)
+                _dummy_forward(embedder)
+                continue
             cache.index_copy_(0, idx, embedder.forward_tokens(*embedder.collate([seqs[i] for i in c])).float())
     after_pass1 = _RngState(dev)
     _sync(dev)
@@ -226,19 +243,72 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
 
     # Loss and its gradient w.r.t. every cached embedding.
     reps = cache.requires_grad_()
-    loss = infonce_loss(reps[:B], reps[B:], temperature, **loss_kw)
+    loss = _loss(reps, B, temperature, loss_kw, dist)
     loss.backward()
     grad = reps.grad
     _sync(dev)
     t2 = time.perf_counter()
 
     # Pass 2: replay each chunk under its pass-1 RNG state and push the cached gradient through the encoder.
-    for c, idx, state in zip(chunks, index, states):
+    # On N ranks gradients are reduced once: in the last chunk's backward (no_sync for the others).
+    for k, (c, idx, state) in enumerate(zip(chunks, index, states)):
         state.restore()
-        emb = embedder.forward_tokens(*embedder.collate([seqs[i] for i in c]))
-        torch.autograd.backward(emb, grad_tensors=grad.index_select(0, idx).to(emb.dtype))
+        with grad_sync(embedder, k == len(chunks) - 1):
+            if not c:
+                (_dummy_forward(embedder) * 0).sum().backward()
+                continue
+            emb = embedder.forward_tokens(*embedder.collate([seqs[i] for i in c]))
+            torch.autograd.backward(emb, grad_tensors=grad.index_select(0, idx).to(emb.dtype))
     after_pass1.restore()  # leave the generators where a single pass would have left them
     _sync(dev)
-    result.loss = float(loss.detach())
+    result.loss = _global_value(loss, dist)
     result.timings = {"pass1": t1 - t0, "loss": t2 - t1, "pass2": time.perf_counter() - t2}
     return result
+
+
+def _loss(reps: torch.Tensor, B: int, temperature, loss_kw: dict, dist) -> torch.Tensor:
+    """InfoNCE of the B queries reps[:B] against the documents reps[B:] (grouped: G per query).
+
+    On N ranks (dist active) this is rank r's share of the global loss: its own B query rows against EVERY rank's
+    documents (and every rank's queries with same_tower), gathered in rank order, which is global batch order, with
+    positives at their global positions, divided by N (= b / B_global), so the ranks' losses sum to the global mean
+    loss. dist.gather_rows' backward sums each gathered row's gradient over ranks and hands it to its owner, so
+    reps.grad holds exactly d(global loss)/d(own embedding): no 1/N or N factor is left to correct anywhere."""
+    if dist is None or not dist.active:
+        return infonce_loss(reps[:B], reps[B:], temperature, **loss_kw)
+    ws, H = dist.world_size, reps.shape[1]
+    n = reps.shape[0] - B
+    kw = dict(loss_kw)
+    qid, did = kw.pop("query_ids"), kw.pop("doc_ids")
+    rows = dist.gather_rows(reps).view(ws, B + n, H)      # one all-gather for queries and documents
+    ids = dist.gather_ids(torch.cat([qid, did])).view(ws, B + n)
+    q_all, d_all = rows[:, :B].reshape(ws * B, H), rows[:, B:].reshape(ws * n, H)
+    qid_all, did_all = ids[:, :B].reshape(-1), ids[:, B:].reshape(-1)
+    off = dist.rank * B
+    pos = (off + torch.arange(B, device=reps.device)) * (n // B)
+    if kw["same_tower"]:
+        kw.update(tower_queries=q_all, tower_query_ids=qid_all, query_offset=off)
+    loss = infonce_loss(q_all[off: off + B], d_all, temperature, positive_index=pos,
+                        query_ids=qid_all[off: off + B], doc_ids=did_all, **kw)
+    return loss / ws
+
+
+def _global_value(loss: torch.Tensor, dist) -> float:
+    """The loss one process would report: on N ranks the sum of the ranks' shares."""
+    value = float(loss.detach())
+    return dist.sum(value) if dist is not None and dist.active else value
+
+
+def _equal_chunk_count(chunks: list[list[int]], embedder, dist) -> list[list[int]]:
+    """FSDP2 gathers parameters collectively in every forward, so every rank must run as many chunks as the
+    busiest: the others get empty chunks (a one-token forward whose output gets zero gradient). DDP communicates
+    only in the last synced backward, so its ranks may differ."""
+    if dist is None or not dist.active or getattr(embedder, "strategy", None) != "fsdp":
+        return chunks
+    most = int(dist.max(float(len(chunks))))
+    return chunks + [[] for _ in range(most - len(chunks))]
+
+
+def _dummy_forward(embedder) -> torch.Tensor:
+    ids = torch.full((1, 1), embedder.tokenizer.eos_token_id, device=embedder.device, dtype=torch.long)
+    return embedder.forward_tokens(ids, torch.ones_like(ids))

@@ -255,21 +255,23 @@ class Embedder(torch.nn.Module):
         emb.eval()
         return emb
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Adapter + tokenizer + the model config (base path resolved to an absolute location)."""
+    def save_pretrained(self, out_dir: str | Path, *, adapter_state_dict: dict | None = None) -> Path:
+        """Adapter + tokenizer + the model config (base path resolved to an absolute location).
+        adapter_state_dict: full LoRA tensors by parameter name, when the parameters themselves are sharded (FSDP2)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.save_adapter(out / "adapter")
+        self.save_adapter(out / "adapter", state_dict=adapter_state_dict)
         meta = {"model": dataclasses.asdict(self.config), "merged": False}
         meta["model"]["path"] = resolve_path(self.config.path)
         (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
         self.tokenizer.save_pretrained(out / "tokenizer")
         return out
 
-    def save_adapter(self, out_dir: str | Path):
+    def save_adapter(self, out_dir: str | Path, state_dict: dict | None = None):
         if not hasattr(self.model, "peft_config"):
             raise ValueError("this embedder has no LoRA adapter to save")
-        self.model.save_pretrained(str(out_dir), safe_serialization=True)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        self.model.save_pretrained(str(out_dir), safe_serialization=True, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- text
     @property

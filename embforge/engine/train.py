@@ -9,6 +9,10 @@
 Checkpoints (every N steps, and on SIGINT/SIGTERM) hold the adapter, optimizer, scheduler, every RNG state, the data
 position and the config, written atomically, so `--resume` continues with exactly the loss curve of an
 uninterrupted run.
+
+Under torchrun (docs/distributed.md) every rank reads the same global batch at the same position and takes its
+slice (distributed.shard_batch), so the data order does not depend on the world size; rank 0 alone logs, evaluates,
+draws the bar, writes metrics.jsonl and checkpoints (holding every rank's RNG state); all ranks wait for it.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import torch
 
 from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from embforge.engine.data import ExampleFile, batch_at
-from embforge.engine.gradcache import ContrastiveBatch, contrastive_step
+from embforge.engine.distributed import (DistributedConfig, check_launch, full_tensor, init_distributed, rank_seed,
+                                         shard_batch, sum_grads, wrap)
+from embforge.engine.gradcache import ContrastiveBatch, auto_chunk_tokens, contrastive_step
 from embforge.engine.model import Embedder, ModelConfig
 
 
@@ -80,6 +86,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)   # used only under torchrun
     steps: int = 100
     seed: int = 0
     output_dir: str = "runs/default"
@@ -180,18 +187,45 @@ def evaluate(embedder, cfg: EvalConfig, out_dir: Path, step: int) -> dict:
     return metrics
 
 
+def _restore_rng(state: dict, dist_, cfg: TrainConfig, step: int):
+    """Every rank gets back its own generators. A checkpoint from another world size cannot hold this rank's
+    stream: the data order is unaffected (global position), and each rank's generators are re-derived from
+    (seed, rank, step), so the run continues correctly but not bit-identically to an uninterrupted one."""
+    ranks = state.get("rng_ranks") or [state["rng"]]      # older checkpoints: one process
+    if len(ranks) == dist_.world_size:
+        _set_rng_states(ranks[dist_.rank])
+        return
+    torch.manual_seed(rank_seed(cfg.seed, dist_.rank) + 7919 * step)
+    dist_.log(f"[train] checkpoint written by {len(ranks)} rank(s), resuming on {dist_.world_size}: same data "
+              f"order; dropout generators re-derived from (seed, rank, step {step})")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run training; returns {"losses": [...], "eval": {...}}. `stop_after` simulates an interruption (tests)."""
+    """Run training; returns {"losses": [...], "eval": {...}}. `stop_after` simulates an interruption (tests).
+    Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
+    dist_, device = init_distributed(cfg.distributed, cfg.device)
+    if dist_.active:
+        check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
+    fsdp = dist_.active and cfg.distributed.strategy == "fsdp"
+    if fsdp and resume:
+        raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
+                         "checkpoints); use strategy ddp")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)                  # identical LoRA init on every rank
     embedder = Embedder.from_config(cfg.model, device)
     embedder.model.train()
+    if dist_.rank > 0:
+        # Per-rank dropout streams; rank 0 continues the single-process stream (so world size 1 == one process).
+        torch.manual_seed(rank_seed(cfg.seed, dist_.rank))
     data = ExampleFile(cfg.data.train, skip_bad_lines=cfg.data.skip_bad_lines)
     if data.skipped:
-        print(f"[train] skipped {len(data.skipped)} bad lines; first: {data.skipped[0]}", file=sys.stderr)
-    params = embedder.trainable_parameters()
+        dist_.log(f"[train] skipped {len(data.skipped)} bad lines; first: {data.skipped[0]}")
+    chunk_tokens = cfg.batch.chunk_tokens
+    if dist_.active and chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(embedder)   # probe the plain model: the wrapper would communicate
+    step_embedder = wrap(embedder, dist_, cfg.distributed.strategy)
+    params = embedder.trainable_parameters()     # after wrap: FSDP2 replaced them with sharded DTensors
     groups = [{"params": params}]
     log_tau = None
     if cfg.loss.learnable_temperature:
@@ -205,17 +239,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     metrics_path = out / "metrics.jsonl"
     evals = {}
 
-    ckpt = latest_checkpoint(out) if resume else None
+    # Rank 0 picks the checkpoint; every rank loads it (output_dir must be shared between nodes).
+    ckpt = dist_.broadcast_object(latest_checkpoint(out) if resume else None)
     if ckpt is not None:
+        if not Path(ckpt).exists():
+            raise FileNotFoundError(f"rank {dist_.rank}: checkpoint {ckpt} (chosen by rank 0) is not visible here; "
+                                    "output_dir must be on a filesystem shared by all nodes")
         state = load_checkpoint(ckpt, embedder, optimizer, scheduler, log_tau)
         start_step, position, losses = state["step"], state["position"], state["losses"]
         evals = state.get("evals", {})
-        _set_rng_states(state["rng"])
-        print(f"[train] resumed from {ckpt} at step {start_step}", file=sys.stderr)
+        _restore_rng(state, dist_, cfg, start_step)
+        dist_.log(f"[train] resumed from {ckpt} at step {start_step}")
     elif resume:
-        print(f"[train] --resume: no checkpoint in {out}, starting fresh", file=sys.stderr)
+        dist_.log(f"[train] --resume: no checkpoint in {out}, starting fresh")
 
-    if cfg.eval.data and cfg.eval.before_training and start_step == 0:
+    if cfg.eval.data and cfg.eval.before_training and start_step == 0 and dist_.is_main:
         evals["before"] = evaluate(embedder, cfg.eval, out, 0)
         embedder.model.train()
 
@@ -223,16 +261,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
 
     def on_signal(signum, frame):
         stop["flag"] = True
-        print(f"\n[train] signal {signum}: checkpointing after this step", file=sys.stderr)
+        print(f"\n[train] rank {dist_.rank}: signal {signum}: checkpointing after this step", file=sys.stderr)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint(step):
-        save_checkpoint(out, step, embedder, optimizer, scheduler, log_tau,
-                        {"step": step, "position": position, "losses": losses, "rng": _rng_states(),
-                         "evals": evals, "config": dataclasses.asdict(cfg)})
+        rng = dist_.gather_objects(_rng_states())     # every rank's generators (a collective: all ranks call)
+        if dist_.is_main:
+            save_checkpoint(out, step, embedder, optimizer, scheduler, log_tau,
+                            {"step": step, "position": position, "losses": losses, "rng": rng[0], "rng_ranks": rng,
+                             "world_size": dist_.world_size, "evals": evals, "config": dataclasses.asdict(cfg)})
+        dist_.barrier()                               # nobody runs ahead of a checkpoint still being written
 
     bar = None
-    if progress:
+    if progress and dist_.is_main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", file=sys.stderr)
     try:
@@ -241,46 +282,67 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             examples, position = batch_at(data, position, cfg.batch.queries, cfg.seed)
-            batch = to_batch(examples, cfg.batch.negatives, cfg.seed)
+            batch = shard_batch(to_batch(examples, cfg.batch.negatives, cfg.seed), dist_)
             tau = log_tau.exp() if log_tau is not None else cfg.loss.temperature
-            res = contrastive_step(embedder, batch, temperature=tau, chunk_tokens=cfg.batch.chunk_tokens,
+            res = contrastive_step(step_embedder, batch, temperature=tau, chunk_tokens=chunk_tokens,
                                    max_chunk_seqs=cfg.batch.max_chunk_seqs, same_tower=cfg.loss.same_tower,
                                    matryoshka_dims=cfg.loss.matryoshka_dims,
-                                   matryoshka_weights=cfg.loss.matryoshka_weights)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                                   matryoshka_weights=cfg.loss.matryoshka_weights, dist=dist_)
+            if log_tau is not None:
+                sum_grads([log_tau], dist_)           # outside the wrapped module: reduced here, with SUM
+            # The reduced gradients are the global ones, so this is the global pre-clip norm on every rank.
+            gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             losses.append(res.loss)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+            tokens, peak = dist_.sum(res.tokens), dist_.max(peak)
+            stop["flag"] = dist_.any(stop["flag"])   # one rank's signal stops every rank at this step
             rec = {"step": step + 1, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": res.tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
+                   "tokens_per_s": tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
                    **{f"t_{k}": v for k, v in res.timings.items()}}
+            if dist_.active:
+                rec["world_size"] = dist_.world_size
             if log_tau is not None:
                 rec["temperature"] = float(log_tau.exp())
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if dist_.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 chunks=res.n_chunks, mem=f"{peak:.1f}G")
             done = step + 1
-            if cfg.eval.data and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
+            if cfg.eval.data and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps \
+                    and dist_.is_main:
                 evals[f"step{done}"] = evaluate(embedder, cfg.eval, out, done)
                 embedder.model.train()
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stop["flag"] \
-                    or (stop_after is not None and done == stop_after):
+            interrupted = stop["flag"] or (stop_after is not None and done == stop_after)
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not fsdp) or (interrupted and not fsdp):
                 checkpoint(done)
-            if stop["flag"] or (stop_after is not None and done == stop_after):
+            if interrupted:
                 return {"losses": losses, "eval": evals, "stopped_at": done}
-        if cfg.eval.data:
+        if cfg.eval.data and dist_.is_main:
             evals["after"] = evaluate(embedder, cfg.eval, out, cfg.steps)
-        checkpoint(cfg.steps)
-        embedder.save_pretrained(out / "final")
+        if not fsdp:
+            checkpoint(cfg.steps)
+        _save_final(embedder, out / "final", dist_)
         return {"losses": losses, "eval": evals, "embedder": embedder}
     finally:
         if bar:
             bar.close()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _save_final(embedder, path: Path, dist_):
+    """Rank 0 writes the final model; FSDP2's sharded LoRA weights are gathered first (a collective)."""
+    sharded = any(hasattr(p, "full_tensor") for p in embedder.trainable_parameters())
+    state = None
+    if sharded:
+        state = {n: full_tensor(p.detach()).cpu() for n, p in embedder.model.named_parameters() if p.requires_grad}
+    if dist_.is_main:
+        embedder.save_pretrained(path, adapter_state_dict=state)
+    dist_.barrier()

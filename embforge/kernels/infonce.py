@@ -395,7 +395,7 @@ def _ids(x, n, name, device):
 
 
 def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, same_tower, backend,
-                     chunk_size, memory_budget_mb, eps):
+                     chunk_size, memory_budget_mb, eps, tower_queries=None, tower_query_ids=None, query_offset=0):
     B, N = q.shape[0], d.shape[0]
     dev = q.device
     if positive_index is None:
@@ -415,11 +415,17 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, s
     self_col = None
     if same_tower:
         # Gecko's same-tower negatives: other queries join the candidates; a query never competes with itself.
-        candidates = torch.cat([d, q.to(d.dtype)], dim=0)
-        self_col = torch.arange(B, device=dev, dtype=torch.int64) + N
-        if cid is not None or q_id is not None:
+        # tower_queries (default: q) are the queries that join; q is rows [query_offset, query_offset + B) of them
+        # (a rank's own slice of the gathered global queries).
+        tq, tq_id = q, q_id
+        if tower_queries is not None:
+            tq = tower_queries
+            tq_id = _ids(tower_query_ids, tq.shape[0], "tower_query_ids", dev)
+        candidates = torch.cat([d, tq.to(d.dtype)], dim=0)
+        self_col = torch.arange(B, device=dev, dtype=torch.int64) + N + query_offset
+        if cid is not None or tq_id is not None:
             cid_d = cid if cid is not None else torch.full((N,), -1, device=dev, dtype=torch.int64)
-            cid_q = q_id if q_id is not None else torch.full((B,), -1, device=dev, dtype=torch.int64)
+            cid_q = tq_id if tq_id is not None else torch.full((tq.shape[0],), -1, device=dev, dtype=torch.int64)
             cid = torch.cat([cid_d, cid_q])
     if cid is not None:
         pos_id = cid[pos]
@@ -460,7 +466,8 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
                  positive_index=None, query_ids=None, doc_ids=None, same_tower: bool = False,
                  matryoshka_dims=None, matryoshka_weights=None, backend: str = "auto",
                  chunk_size: int | None = None, memory_budget_mb: float | None = None,
-                 eps: float = 1e-6) -> torch.Tensor:
+                 eps: float = 1e-6, tower_queries: torch.Tensor | None = None, tower_query_ids=None,
+                 query_offset: int = 0) -> torch.Tensor:
     """InfoNCE over cosine similarity / temperature with in-batch and hard negatives.
 
     q: [B, H] raw query embeddings; d: [N, H] raw candidate embeddings (not normalized; fp32/bf16/fp16).
@@ -476,6 +483,9 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
     chunk_size / memory_budget_mb: query rows processed at once; by default as many as fit
         memory_budget_mb (1024) of C x N scratch. Memory never grows as B x N.
     eps: norms are clamped to eps (a zero vector gives finite values, never NaN).
+    tower_queries [T, H] / tower_query_ids [T] / query_offset (same_tower only): the queries that join the
+        candidates, when q is only rows [query_offset, query_offset + B) of them (one rank's slice of the gathered
+        queries); default: q itself, offset 0. positive_index then still indexes d.
     Returns a 0-dim fp32 tensor, differentiable w.r.t. q, d and a tensor temperature.
     """
     _check(q, d)
@@ -483,9 +493,19 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"infonce_loss: chunk_size must be >= 1, got {chunk_size}")
     kw = dict(positive_index=positive_index, query_ids=query_ids, doc_ids=doc_ids, same_tower=same_tower,
-              backend=backend, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, eps=eps)
+              backend=backend, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, eps=eps,
+              tower_query_ids=tower_query_ids, query_offset=query_offset)
+    if tower_queries is not None:
+        if not same_tower:
+            raise ValueError("infonce_loss: tower_queries is only used with same_tower=True")
+        _check(tower_queries, d)
+        if not 0 <= query_offset <= tower_queries.shape[0] - q.shape[0]:
+            raise ValueError(f"infonce_loss: query_offset={query_offset} puts the {q.shape[0]} queries outside the "
+                             f"{tower_queries.shape[0]} tower_queries")
+    elif query_offset != 0 or tower_query_ids is not None:
+        raise ValueError("infonce_loss: query_offset / tower_query_ids need tower_queries")
     if matryoshka_dims is None:
-        return _single_dim_loss(q, d, temperature, **kw)
+        return _single_dim_loss(q, d, temperature, tower_queries=tower_queries, **kw)
     dims = list(matryoshka_dims)
     weights = list(matryoshka_weights) if matryoshka_weights is not None else [1.0] * len(dims)
     if len(weights) != len(dims):
@@ -496,7 +516,9 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
             raise ValueError(f"infonce_loss: matryoshka dim {m_dim} must lie in [1, {H}]")
     total = None
     for m_dim, w in zip(dims, weights):
-        part = _single_dim_loss(q[:, : int(m_dim)], d[:, : int(m_dim)], temperature, **kw) * float(w)
+        tq = None if tower_queries is None else tower_queries[:, : int(m_dim)]
+        part = _single_dim_loss(q[:, : int(m_dim)], d[:, : int(m_dim)], temperature, tower_queries=tq, **kw) \
+            * float(w)
         total = part if total is None else total + part
     return total
 
