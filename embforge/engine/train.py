@@ -39,8 +39,9 @@ class DataConfig:
 class BatchConfig:
     queries: int = 64                  # queries per optimizer step (effective batch)
     negatives: int = 1                 # hard negatives per query (missing ones are filled from other examples)
-    chunk_tokens: int | str = 4096     # GradCache chunk budget in (padded) tokens, or "auto"
+    chunk_tokens: int | str = 4096     # GradCache chunk budget: real tokens when packed, else padded; or "auto"
     max_chunk_seqs: int | None = None
+    packing: bool | str = "auto"       # padding-free packed chunks; auto: on wherever exact (engine/packing.py)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ValueError("data.train: give at least one training JSONL file")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch.packing not in (True, False, "auto"):
+            raise ValueError(f"batch.packing must be true, false or 'auto', got {self.batch.packing!r}")
         if self.optim.decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.decay must be linear, cosine or constant, got {self.optim.decay!r}")
 
@@ -187,6 +190,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embedder = Embedder.from_config(cfg.model, device)
+    embedder.set_packing(cfg.batch.packing)
     embedder.model.train()
     data = ExampleFile(cfg.data.train, skip_bad_lines=cfg.data.skip_bad_lines)
     if data.skipped:
@@ -253,6 +257,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             rec = {"step": step + 1, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
                    "tokens_per_s": res.tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
+                   "real_tokens": res.tokens, "computed_tokens": res.padded_tokens, "packed": res.packed,
                    **{f"t_{k}": v for k, v in res.timings.items()}}
             if log_tau is not None:
                 rec["temperature"] = float(log_tau.exp())
