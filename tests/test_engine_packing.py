@@ -156,6 +156,44 @@ def test_packed_gradcache_step_equals_padded(family):
             assert p_res.n_chunks < d_res.n_chunks                          # real tokens fill each chunk
 
 
+def test_packed_gradcache_replays_lora_dropout_exactly():
+    """With LoRA dropout (and checkpointing), the packed GradCache step equals the same packed chunks embedded in
+    one autograd graph from the same RNG state (pass 2 must redraw pass 1's masks for each packed row)."""
+    from embforge.engine.gradcache import text_ids
+    from embforge.kernels import infonce_loss
+    e = embedder("tiny-mistral", dropout=0.1, gradient_checkpointing=True)   # recompute inside pass 2 as well
+    e.set_packing(True)
+    batch = make_batch()
+    torch.manual_seed(1)
+    res = contrastive_step(e, batch, chunk_tokens=24)
+    g_step = torch.cat([p.grad.flatten() for p in e.trainable_parameters()])
+    for p in e.trainable_parameters():
+        p.grad = None
+    assert res.n_chunks > 2
+    torch.manual_seed(1)
+    seqs = e.tokenize(batch.queries, is_query=True, instructions=batch.instructions) + \
+        e.tokenize(batch.documents, is_query=False)
+    reps = [None] * len(seqs)
+    for c in make_packed_chunks([len(s) for s in seqs], 24):
+        out = e.embed_chunk([seqs[j] for j in c])
+        for k, i in enumerate(c):
+            reps[i] = out[k]
+    reps = torch.stack(reps)
+    qid, did = text_ids(batch.queries, batch.documents)
+    B = len(batch.queries)
+    loss = infonce_loss(reps[:B], reps[B:], 0.02, query_ids=qid, doc_ids=did)
+    loss.backward()
+    g_ref = torch.cat([p.grad.flatten() for p in e.trainable_parameters()])
+    for p in e.trainable_parameters():
+        p.grad = None
+    assert abs(res.loss - float(loss)) <= 1e-5 * abs(float(loss))
+    assert float((g_step - g_ref).norm() / g_ref.norm()) < 1e-4
+    torch.manual_seed(2)   # other dropout draws: visibly other gradients, so the check above has teeth
+    contrastive_step(e, batch, chunk_tokens=24)
+    g_other = torch.cat([p.grad.flatten() for p in e.trainable_parameters()])
+    assert float((g_other - g_ref).norm() / g_ref.norm()) > 1e-2
+
+
 def test_varlen_attention_plumbing_with_a_reference_kernel(monkeypatch):
     """The CUDA varlen path (registered attention function + cu_seqlens kwargs through the decoder) on CPU, with
     torch's flash varlen kernel replaced by a per-sequence causal SDPA: packed must still equal padded."""
@@ -241,3 +279,24 @@ def test_train_config_rejects_bad_packing(tmp_path):
     from embforge.engine.train import TrainConfig
     with pytest.raises(ValueError, match="batch.packing must be true, false or 'auto', got 'maybe'"):
         load_config(TrainConfig, None, ["data.train=[x.jsonl]", "batch.packing=maybe"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_equals_padded_on_gpu_varlen(family):
+    """On CUDA, bf16: packing picks a varlen kernel (flash-attn, or torch's own) and matches padded chunks at bf16
+    tolerance, gradients included."""
+    e = Embedder.from_config(ModelConfig(path=f"tiny-{family}", lora=LoraConfig(dropout=0.0)), "cuda")
+    assert e.packing and e.packed_kernel in ("flash_attention_2", "varlen")
+    seqs = token_seqs(e, [1, 9, 1, 17, 4, 1, 300])
+    out = {}
+    for packed in (True, False):
+        emb = embed(e, seqs, packed)
+        emb.pow(2).sum().backward()
+        out[packed] = (emb.detach(), torch.cat([p.grad.flatten() for p in e.trainable_parameters()]))
+        for p in e.trainable_parameters():
+            p.grad = None
+    (a, ga), (b, gb) = out[True], out[False]
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    assert (ga - gb).norm() <= 5e-2 * gb.norm()
