@@ -55,7 +55,7 @@ def levers_for(setup: "Setup", device: str, quick: bool) -> list[Lever]:
         out = [lv for lv in out if not lv.cuda_only]
         if quick:  # the CI check: the headline, the peer and the levers that need no reload of a 4-bit model
             out = [lv for lv in out if lv.name in ("baseline", "chunks=padded", "chunks=padded_global", "peer",
-                                                   "grad_ckpt=off")]
+                                                   "peer=mini_batch_size", "grad_ckpt=off")]
     return out
 
 
