@@ -81,13 +81,28 @@ def test_pack_sequences_restarts_positions_and_keeps_one_token_sequences_apart()
     assert row.position_ids.tolist() == [[0, 0, 0, 1]] and row.cu_seqlens.tolist() == [0, 1, 2, 4]
 
 
+def test_pack_sequences_into_rows_with_filler_segments():
+    seqs = [[1] * 5, [2] * 3, [3], [4] * 6]
+    rows = pack_sequences(seqs, "cpu", row_tokens=6, pad_id=0)
+    assert rows.input_ids.shape == (3, 6)            # first-fit: [6], [5, 1], [3 + filler 3]
+    flat_ids, flat_pos = rows.input_ids.flatten(), rows.position_ids.flatten()
+    cu = rows.cu_seqlens.tolist()
+    for i, s in enumerate(seqs):                     # each sequence is its own segment, positions from 0
+        a, b = cu[int(rows.order[i])], cu[int(rows.order[i]) + 1]
+        assert flat_ids[a:b].tolist() == s and flat_pos[a:b].tolist() == list(range(len(s)))
+    assert cu[-1] == 18 and len(cu) - 1 == len(seqs) + 1   # one filler segment
+    assert pack_sequences([[1] * 9], "cpu", row_tokens=4).input_ids.shape == (1, 9)   # longer than a row
+    assert pack_sequences([[1] * 3, [2]], "cpu", row_tokens=6).input_ids.shape == (1, 4)   # all fit: no filler
+
+
 # ------------------------------------------------------------------------------------------------ exactness
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_packed_embeddings_equal_padded(family, pooling):
+def test_packed_embeddings_equal_padded(family, pooling, monkeypatch):
     e = embedder(f"tiny-{family}", pooling)
     assert e.packed_kernel == "mask"   # CPU: transformers' block-diagonal mask from the restarting positions
     seqs = token_seqs(e, [1, 9, 1, 17, 4, 1])   # one-token sequences first, between and last
+    monkeypatch.setattr(packing, "MASK_ROW_TOKENS", 12)   # several CPU rows, a filler tail, reordered sequences
     with torch.no_grad():
         packed, padded = embed(e, seqs, True), embed(e, seqs, False)
         alone = torch.cat([embed(e, [s], False) for s in seqs])   # each sequence by itself: no neighbours at all

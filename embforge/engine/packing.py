@@ -10,7 +10,8 @@ mean_pool_packed). Which kernel keeps attention inside each sequence depends on 
                         registered transformers attention function; padded calls fall through to SDPA (CUDA)
     mask                transformers' packed-sequence detection (masking_utils: attention_mask=None and position
                         ids that restart) builds an exact block-diagonal causal mask for SDPA/eager. It computes the
-                        cross-sequence blocks and throws them away, so it is only used off CUDA.
+                        cross-sequence blocks and throws them away, so it is only used off CUDA, and there on a few
+                        rows of MASK_ROW_TOKENS tokens (or the longest sequence) instead of one long row.
 
 Both varlen kernels skip the cross-sequence blocks entirely. Packing is exact only for causal attention over
 sequences that see nothing but their own tokens: a bidirectional model (model.attention) is refused.
@@ -26,6 +27,7 @@ import torch
 # (packed-sequence aware). Others could work, but "auto" only packs where exactness was checked.
 PACKABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 VARLEN_ATTENTION = "embforge_varlen"
+MASK_ROW_TOKENS = 256   # CPU rows: a dense mask computes every cross-sequence block of its row
 
 
 def make_packed_chunks(lengths: list[int], chunk_tokens: int, max_chunk_seqs: int | None = None) -> list[list[int]]:
@@ -55,26 +57,47 @@ def make_packed_chunks(lengths: list[int], chunk_tokens: int, max_chunk_seqs: in
 
 
 @dataclass
-class PackedRow:
-    input_ids: torch.Tensor      # [1, total]
-    position_ids: torch.Tensor   # [1, total], 0.. at every sequence start
-    cu_seqlens: torch.Tensor     # [b + 1] int32, on the device
+class PackedRows:
+    input_ids: torch.Tensor      # [rows, length]
+    position_ids: torch.Tensor   # [rows, length], 0.. at every sequence start
+    cu_seqlens: torch.Tensor     # [segments + 1] int32 over the flattened rows, on the device
     max_len: int
+    order: torch.Tensor          # [b] segment index of each input sequence (the others are row-tail filler)
 
 
-def pack_sequences(seqs: list[list[int]], device) -> PackedRow:
+def pack_sequences(seqs: list[list[int]], device, row_tokens: int | None = None, pad_id: int = 0) -> PackedRows:
+    """One padding-free row of all `seqs` (row_tokens=None), or rows of `row_tokens` tokens filled first-fit: the
+    tail of a row that is not full becomes a filler segment of `pad_id` with its own restarting positions, so it
+    attends only to itself and is never pooled."""
     if not seqs:
         raise ValueError("pack_sequences: no sequences")
     empty = [i for i, s in enumerate(seqs) if len(s) == 0]
     if empty:
         raise ValueError(f"pack_sequences: sequence(s) {empty[:10]} are empty")
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    starts = torch.repeat_interleave(cu[:-1].long(), lengths)
-    pos = torch.arange(ids.shape[0]) - starts
-    return PackedRow(ids[None].to(device), pos[None].to(device), cu.to(device), int(lengths.max()))
+    lengths = [len(s) for s in seqs]
+    if row_tokens is None or sum(lengths) <= row_tokens:
+        rows = [list(range(len(seqs)))]
+        width = sum(lengths)
+    else:
+        width = max(row_tokens, max(lengths))
+        rows = make_packed_chunks(lengths, width)
+    ids, pos, seg_lengths, order = [], [], [], [0] * len(seqs)
+    for row in rows:
+        for i in row:
+            order[i] = len(seg_lengths)
+            seg_lengths.append(lengths[i])
+            ids += seqs[i]
+            pos += range(lengths[i])
+        tail = width - sum(lengths[i] for i in row)
+        if tail:
+            seg_lengths.append(tail)
+            ids += [pad_id] * tail
+            pos += range(tail)
+    cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(seg_lengths).cumsum(0)
+    shape = (len(rows), width)
+    return PackedRows(torch.tensor(ids).view(shape).to(device), torch.tensor(pos).view(shape).to(device),
+                      cu.to(device), max(seg_lengths), torch.tensor(order, device=device))
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -165,23 +188,31 @@ def why_not_packable(embedder) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ forward
-def packed_hidden(model, row: PackedRow, kernel: str) -> torch.Tensor:
-    """Decoder hidden states [total, H] of one packed row."""
+def packed_hidden(model, rows: PackedRows, kernel: str) -> torch.Tensor:
+    """Decoder hidden states [rows x length, H] of packed rows, flattened (cu_seqlens indexes into them)."""
     kwargs = {}
     if kernel in ("flash_attention_2", "varlen"):
+        if rows.input_ids.shape[0] != 1:
+            raise ValueError("varlen attention takes one packed row")
         # Given explicitly, the boundaries are not re-derived from position ids in every layer.
-        kwargs = dict(cu_seq_lens_q=row.cu_seqlens, cu_seq_lens_k=row.cu_seqlens, max_length_q=row.max_len,
-                      max_length_k=row.max_len)
+        kwargs = dict(cu_seq_lens_q=rows.cu_seqlens, cu_seq_lens_k=rows.cu_seqlens, max_length_q=rows.max_len,
+                      max_length_k=rows.max_len)
     # attention_mask=None with restarting position ids is transformers' packed format (masking_utils).
-    out = model(input_ids=row.input_ids, position_ids=row.position_ids, attention_mask=None, **kwargs)
+    out = model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=None, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[0]
+    return hidden.flatten(0, 1)
 
 
 def embed_packed(embedder, seqs: list[list[int]]) -> torch.Tensor:
-    """Raw pooled fp32 embeddings [b, H] of `seqs`, computed as one padding-free packed row."""
+    """Raw pooled fp32 embeddings [b, H] of `seqs`, computed padding-free: one packed row for the varlen kernels;
+    for the dense block-diagonal mask (CPU) rows of MASK_ROW_TOKENS (or the longest sequence), since the mask's
+    cost grows with the square of the row (measured on SmolLM2, 2 CPU cores, forward: one 4096-token row of 32
+    sequences took about 2x the time of the same 32 sequences padded)."""
     from embforge.kernels import last_token_pool_packed, mean_pool_packed
-    row = pack_sequences(seqs, embedder.device)
-    hidden = packed_hidden(embedder.model, row, embedder.packed_kernel)
+    kernel = embedder.packed_kernel
+    rows = pack_sequences(seqs, embedder.device, MASK_ROW_TOKENS if kernel == "mask" else None,
+                          embedder.tokenizer.pad_token_id)
+    hidden = packed_hidden(embedder.model, rows, kernel)
     pool = mean_pool_packed if embedder.config.pooling == "mean" else last_token_pool_packed
-    return pool(hidden, row.cu_seqlens, normalize=False, out_dtype=torch.float32)
+    pooled = pool(hidden, rows.cu_seqlens, normalize=False, out_dtype=torch.float32)
+    return pooled.index_select(0, rows.order)   # input order, filler segments dropped
