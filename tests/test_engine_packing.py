@@ -216,7 +216,7 @@ def test_varlen_attention_plumbing_with_a_reference_kernel(monkeypatch):
 
     def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False,
                          **_):
-        assert window_size == (-1, 0) and cu_q is cu_k and max_q == max_k
+        assert tuple(window_size) == (-1, 0) and cu_q is cu_k and max_q == max_k
         assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
         out = torch.empty_like(q)
         for s, t in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
@@ -315,3 +315,23 @@ def test_packed_equals_padded_on_gpu_varlen(family):
     (a, ga), (b, gb) = out[True], out[False]
     assert (a - b).abs().max() <= 2e-2 * b.abs().max()
     assert (ga - gb).norm() <= 5e-2 * gb.norm()
+
+
+def test_bench_tracker_counts_a_packed_row_as_its_sequences():
+    """The benchmark's HFU counts attention per sequence for a packed row (varlen kernels do only those blocks)."""
+    from embforge.bench.tracker import Tracker
+    e = embedder("tiny-llama")
+    e.set_packing(True)
+    seqs = token_seqs(e, [5, 1, 7])
+    tracker = Tracker(e)
+    try:
+        with tracker.step() as trace, torch.no_grad():
+            e.embed_chunk(seqs)
+            e.set_packing(False)
+            e.embed_chunk(seqs)
+    finally:
+        tracker.remove()
+    packed, padded = trace.forwards
+    assert (packed.rows, packed.length, packed.segments) == (1, 13, (5, 1, 7))
+    assert packed.shapes() == [(1, 5), (1, 1), (1, 7)]
+    assert padded.segments is None and padded.shapes() == [(3, 7)]

@@ -123,9 +123,25 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout: float 
     if window is not None and max_len > window:
         raise ValueError(f"packed attention: a sequence of {max_len} tokens exceeds the model's sliding window "
                          f"({window}); use batch.packing=false")
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=q.shape[1] != k.shape[1])
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **_varlen_options(varlen_attn, q, k, scaling))
     return out[None], None   # [1, total, heads, d], as transformers' attention functions return
+
+
+def _varlen_options(varlen_attn, q, k, scaling) -> dict:
+    """Causal, GQA and scale in the spelling of the installed torch: 2.13 takes window_size=(-1, 0) for causal and
+    enable_gqa; earlier releases of the API took is_causal=True (and no GQA flag: then k, v are given expanded)."""
+    import inspect
+    params = inspect.signature(varlen_attn).parameters
+    opts = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" not in params:
+            raise ValueError("this torch's varlen_attn has no GQA support; use batch.packing=false or flash-attn")
+        opts["enable_gqa"] = True
+    if "scale" in params:
+        opts["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError(f"this torch's varlen_attn takes no scale, and the model's {scaling} is not 1/sqrt(d)")
+    return opts
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):
