@@ -99,7 +99,6 @@ def test_cpu_unsupported_family_and_missing_package_errors(monkeypatch):
 @pytest.mark.parametrize("family", sorted(LIGER_FAMILIES))
 def test_liger_matches_unpatched_on_gpu(family):
     """Embeddings and LoRA gradients with Liger vs without, bf16, packed chunks (the training path)."""
-    from transformers.models.llama import modeling_llama  # noqa: F401 -- module globals restored below
     mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     saved = dict(vars(mod))
     texts = ["a", "what is the boiling point of water?", "Paris is the capital of France. " * 5]

@@ -258,7 +258,8 @@ def flop_columns(m: dict, lengths: list[int], shape: flops.DecoderShape, setup: 
 
 
 FORMULAS = ("model=sum_seq(fwd(n)+bwd(n))+6*B*N*H at real n; hw=[pass1 fwd]+[pass2 fwd]+[ckpt recompute fwd]+[bwd] "
-            "on padded (rows,len), a packed row as its sequences; fwd(n)=2*(Pb+Pl)*n+A(n); bwd(n)=2*Pb*n+4*Pl*n+2*A(n)-2*n*Q1; "
+            "on padded (rows,len), a packed row as its sequences; fwd(n)=2*(Pb+Pl)*n+A(n); "
+            "bwd(n)=2*Pb*n+4*Pl*n+2*A(n)-2*n*Q1; "
             "A(n)=4*layers*heads*head_dim*n(n+1)/2; Pb=base linear params, Pl=LoRA params, "
             "Q1=first layer q,k,v base+LoRA-A params (no input grad: frozen embedding)")
 
