@@ -6,7 +6,8 @@ its own module hooks, but the lookup and the norm inside it go through theirs), 
 the same ruler:
 - every decoder forward: (rows, padded length) and whether grad was on (pass 2) or off (pass 1); for a packed row
   (one row whose position ids restart, seen by a hook on the rotary embedding) also the sequence lengths in it,
-  since its attention work is that of each sequence, not of one sequence as long as the row;
+  since its attention work is that of each sequence, not of one sequence as long as the row (reading the position
+  ids costs one small device-to-host copy per packed forward, as the engine's own cu_seqlens check does);
 - the pass boundaries: the end of the last no-grad forward (pass 1 done) and the start of the first forward with
   grad (loss done). On CUDA these are events recorded in the stream, so nothing waits for the GPU mid-step and the
   split is the GPU's own timeline (the engine's perf_counter timings are not synchronized);
