@@ -28,7 +28,7 @@ if __name__ == "__main__" and "--include-interpreter" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 from embforge.bench import common  # noqa: E402
 
-KERNELS = ["last_token_pool", "last_token_pool_packed", "mean_pool"]
+KERNELS = ["last_token_pool", "last_token_pool_packed", "mean_pool", "mean_pool_packed"]
 MODES = ["fwd", "bwd", "full"]
 
 
@@ -51,7 +51,7 @@ def _inputs(kernel: str, B: int, T: int, H: int, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     gd = torch.Generator(device=device).manual_seed(seed)  # fill on the device: GBs of randn on a CPU take long
     lengths = torch.randint(max(1, T // 4), T + 1, (B,), generator=g)
-    if kernel == "last_token_pool_packed":
+    if kernel.endswith("_packed"):
         cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
         hidden = torch.randn(int(cu[-1]), H, device=device, dtype=dtype, generator=gd)
         return hidden, cu.to(device)

@@ -34,6 +34,7 @@ def embedder(family, dropout, device="cpu", **kw):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
     e.train()
+    e.set_packing(False)   # this file checks the padded chunks; packed ones: tests/test_engine_packing.py
     return e
 
 

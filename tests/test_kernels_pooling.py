@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import embforge.kernels.pooling as P  # noqa: E402
-from embforge.kernels import last_token_pool, last_token_pool_packed, mean_pool  # noqa: E402
+from embforge.kernels import last_token_pool, last_token_pool_packed, mean_pool, mean_pool_packed  # noqa: E402
 
 EPS = 1e-6
 
@@ -56,6 +56,14 @@ def ref_packed(hidden, cu, normalize=True):
     sel = torch.zeros(len(cu) - 1, hidden.shape[0], dtype=torch.float64)
     for i in range(len(cu) - 1):
         sel[i, int(cu[i + 1]) - 1] = 1.0
+    return ref_normalize(sel @ hidden, normalize)
+
+
+def ref_mean_packed(hidden, cu, normalize=True):
+    sel = torch.zeros(len(cu) - 1, hidden.shape[0], dtype=torch.float64)
+    for i in range(len(cu) - 1):
+        start, end = int(cu[i]), int(cu[i + 1])
+        sel[i, start:end] = 1.0 / (end - start)
     return ref_normalize(sel @ hidden, normalize)
 
 
@@ -137,6 +145,41 @@ def test_last_token_packed(B, H, dtype, cu_dtype):
     pooled = torch.zeros(total, dtype=torch.bool)
     pooled[cu[1:].long() - 1] = True
     assert (grad[~pooled] == 0).all()
+
+
+@pytest.mark.parametrize("B,H", [(1, 16), (3, 96), (9, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mean_pool_packed(B, H, dtype, normalize):
+    g = torch.Generator().manual_seed(B * 11 + H)
+    lengths = torch.randint(1, 40, (B,), generator=g)
+    lengths[0] = 1  # a one-token sequence must stay its own mean (never merged into a neighbour)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    total = int(cu[-1]) + 2  # trailing alignment rows get no gradient
+    hidden = (torch.randn(total, H, generator=g) + torch.randn(H, generator=g)).to(dtype)
+    for backend in ("triton", "torch"):
+        out, grad, ref, ref_grad = run_case(mean_pool_packed, ref_mean_packed, hidden, cu, backend,
+                                            normalize=normalize)
+        what = f"packed mean {backend} B={B} H={H} {dtype} normalize={normalize}"
+        assert out.shape == (B, H) and out.dtype == dtype and grad.dtype == dtype
+        check(out, ref, TOL[dtype][0], what)
+        check(grad, ref_grad, TOL[dtype][1], what + " grad")
+        assert (grad[int(cu[-1]):] == 0).all(), what
+
+
+def test_mean_pool_packed_equals_padded_mean():
+    """The same sequences packed and right-padded pool to the same rows."""
+    g = torch.Generator().manual_seed(4)
+    lengths = [5, 1, 12, 3]
+    rows = [torch.randn(n, 32, generator=g) for n in lengths]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)))
+    padded = torch.zeros(len(rows), max(lengths), 32)
+    mask = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)], mask[i, : len(r)] = r, 1
+    a = mean_pool_packed(torch.cat(rows), cu, backend="triton")
+    b = mean_pool(padded, mask, backend="triton")
+    assert (a - b).abs().max() < 1e-6
 
 
 # Mean pooling is the slowest kernel in the interpreter (2-D tiles over B x T x H): each shape takes one padding
@@ -321,8 +364,9 @@ def test_bad_cu_seqlens():
         (torch.tensor([[0, 3]]), "1-D"),
     ]
     for cu, msg in cases:
-        with pytest.raises(ValueError, match=msg):
-            last_token_pool_packed(h, cu, backend="triton")
+        for fn in (last_token_pool_packed, mean_pool_packed):
+            with pytest.raises(ValueError, match=msg):
+                fn(h, cu, backend="triton")
     with pytest.raises(TypeError, match="integers"):
         last_token_pool_packed(h, torch.tensor([0.0, 3.0]))
     with pytest.raises(ValueError, match="2-D"):

@@ -34,7 +34,7 @@ class Setup:
     docs_per_query: int            # positive + hard negatives per query
     lengths: synthetic.LengthSpec
     max_length: int
-    chunk_tokens: int              # padded tokens per chunk (ours) -- the activation-memory budget
+    chunk_tokens: int              # tokens per chunk (ours): real ones when packed, else padded -- the memory budget
     chunk_tokens_no_ckpt: int      # the budget for the no-checkpointing lever: a chunk must fit without it
     steps: int
     warmup_queries: int
@@ -77,7 +77,7 @@ def setup_for(part: str, device: str, quick: bool = False) -> Setup:
 def load_embedder(model_dir, setup: Setup, lever: Lever, device: str):
     from embforge.engine.model import Embedder, ModelConfig
     cfg = ModelConfig(path=str(model_dir), quantization=lever.quantization or setup.quantization,
-                      gradient_checkpointing=_ckpt(setup, lever), attn_implementation="sdpa",
+                      gradient_checkpointing=_ckpt(setup, lever), attn_implementation="auto",
                       query_template=QUERY_TEMPLATE, query_max_length=setup.max_length,
                       doc_max_length=setup.max_length)
     if getattr(cfg.lora, "r", setup.lora_r) != setup.lora_r:
@@ -109,7 +109,8 @@ def ours_step(embedder, texts, setup: Setup, lever: Lever, global_len: int | Non
         r = contrastive_step(embedder, batch, temperature=setup.temperature, chunk_tokens=chunk_tokens,
                              max_chunk_seqs=max_rows)
         return {"loss": float(r.loss), "engine_chunks": r.n_chunks, "engine_tokens": r.tokens,
-                "engine_padded_tokens": getattr(r, "padded_tokens", ""), **_seconds_to_ms(r.timings)}
+                "engine_padded_tokens": getattr(r, "padded_tokens", ""), "packing": getattr(r, "packed", ""),
+                **_seconds_to_ms(r.timings)}
     return step
 
 
@@ -119,10 +120,12 @@ def peer_step(st, texts, setup: Setup, lever: Lever, device: str):
     loss_fn = peer.make_loss(st, temperature=setup.temperature, mini_batch_size=setup.peer_mini_batch,
                              mini_batch_num_tokens=setup.chunk_tokens if lever.peer_token_budget else None)
 
+    mode = peer.peer_mode(st, lever.peer_token_budget)
+
     def step() -> dict:
         loss = loss_fn(feats, None)
         loss.backward()
-        return {"loss": float(loss.detach())}
+        return {"loss": float(loss.detach()), "peer_mode": mode}
     return step
 
 
@@ -239,8 +242,8 @@ def flop_columns(m: dict, lengths: list[int], shape: flops.DecoderShape, setup: 
     trace = m.pop("_trace")
     n_docs = setup.n_queries * setup.docs_per_query
     model = flops.model_flops(shape, lengths, setup.n_queries, n_docs)
-    hw = flops.hardware_flops(shape, [(f.rows, f.length) for f in trace.passes(False)],
-                              [(f.rows, f.length) for f in trace.passes(True)], ckpt, setup.n_queries, n_docs)
+    hw = flops.hardware_flops(shape, [s for f in trace.passes(False) for s in f.shapes()],
+                              [s for f in trace.passes(True) for s in f.shapes()], ckpt, setup.n_queries, n_docs)
     sec = m["step_ms"] / 1e3
     peak = flops.peak_tflops(device_name)
     cols = {"real_tokens": sum(lengths), "tokens_per_s": round(sum(lengths) / sec, 1), "model_flops": model,
@@ -255,7 +258,8 @@ def flop_columns(m: dict, lengths: list[int], shape: flops.DecoderShape, setup: 
 
 
 FORMULAS = ("model=sum_seq(fwd(n)+bwd(n))+6*B*N*H at real n; hw=[pass1 fwd]+[pass2 fwd]+[ckpt recompute fwd]+[bwd] "
-            "on padded (rows,len); fwd(n)=2*(Pb+Pl)*n+A(n); bwd(n)=2*Pb*n+4*Pl*n+2*A(n)-2*n*Q1; "
+            "on padded (rows,len), a packed row as its sequences; fwd(n)=2*(Pb+Pl)*n+A(n); "
+            "bwd(n)=2*Pb*n+4*Pl*n+2*A(n)-2*n*Q1; "
             "A(n)=4*layers*heads*head_dim*n(n+1)/2; Pb=base linear params, Pl=LoRA params, "
             "Q1=first layer q,k,v base+LoRA-A params (no input grad: frozen embedding)")
 

@@ -24,9 +24,11 @@ class Lever:
     gradient_checkpointing: bool | None = None
     chunk_tokens: int | None = None
     pad_global: bool = False
+    packing: bool | None = None    # None: the engine's default (packed wherever exact); False: padded chunks
     compile_layers: bool = False
     liger: bool = False
-    peer_token_budget: bool = False
+    peer_token_budget: bool = True  # the peer's strongest mode: token-budget mini-batches (padding-free when its
+                                    # flash-attention prerequisites are installed); False: fixed mini_batch_size
     cuda_only: bool = False
     cost: float = 1.0              # expected wall time relative to the headline's, for the budget
     max_steps: int | None = None   # fewer measured steps where one suffices (uniform shapes: no cold first step)
@@ -39,17 +41,21 @@ def levers_for(setup: "Setup", device: str, quick: bool) -> list[Lever]:
     other_base = "none" if setup.quantization == "nf4" else "nf4"
     out = [Lever("baseline"),
            Lever("peer", system="sentence-transformers", cost=1.7),
+           # per-chunk padding instead of packed rows, at the same token budget (then counted with padding)
+           Lever("chunks=padded", packing=False, cost=1.3),
+           Lever("liger=rmsnorm+rope+swiglu", liger=True, cuda_only=True),
            Lever("grad_ckpt=off", gradient_checkpointing=False, chunk_tokens=setup.chunk_tokens_no_ckpt),
            Lever(f"base={'bf16' if other_base == 'none' else 'nf4'}", quantization=other_base),
-           Lever("liger=rmsnorm+rope+swiglu", liger=True, cuda_only=True),
+           Lever("liger+chunks=padded", liger=True, packing=False, cuda_only=True, cost=1.3),
            # every row padded to the step's longest: ~3x the work, so one step (its chunks all have one shape)
-           Lever("chunks=padded_global", pad_global=True, cost=1.7, max_steps=1),
-           Lever("peer=mini_batch_num_tokens", system="sentence-transformers", peer_token_budget=True, cost=1.7),
+           Lever("chunks=padded_global", pad_global=True, packing=False, cost=1.7, max_steps=1),
+           Lever("peer=mini_batch_size", system="sentence-transformers", peer_token_budget=False, cost=1.7),
            Lever("compile=decoder_layers", compile_layers=True, cuda_only=True, cost=2.0)]
     if device != "cuda":
         out = [lv for lv in out if not lv.cuda_only]
-        if quick:  # the CI check: the headline, the peer and the two levers that need no reload of a 4-bit model
-            out = [lv for lv in out if lv.name in ("baseline", "chunks=padded_global", "peer", "grad_ckpt=off")]
+        if quick:  # the CI check: the headline, the peer and the levers that need no reload of a 4-bit model
+            out = [lv for lv in out if lv.name in ("baseline", "chunks=padded", "chunks=padded_global", "peer",
+                                                   "peer=mini_batch_size", "grad_ckpt=off")]
     return out
 
 
@@ -74,6 +80,10 @@ def apply_lever(obj, lever: Lever, setup: "Setup", global_len: int, plant: dict,
     """Switch a loaded model to the lever's setting in place, appending to `undo` as it goes (so a half-applied
     lever is still undone). Toggling in place instead of reloading saves a 7B load per lever (tens of seconds)."""
     decoder = find_decoder(obj)
+    padded = lever.packing is False or lever.pad_global or plant.get("pad_global")
+    if lever.system == "embforge" and padded and obj.packing:
+        obj.set_packing(False)
+        undo.append(lambda: obj.set_packing("auto"))
     if lever.system == "embforge" and (lever.pad_global or plant.get("pad_global")):
         undo.append(pad_globally(obj, global_len))
     if lever.gradient_checkpointing is not None and lever.gradient_checkpointing != setup.gradient_checkpointing:
@@ -99,12 +109,13 @@ def apply_lever(obj, lever: Lever, setup: "Setup", global_len: int, plant: dict,
     if lever.liger:
         # Liger patches this model's modules and transformers' Mistral module globals (RoPE, and the norm/MLP
         # classes later models would be built from): the globals are restored after the lever, the model dropped.
-        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+        # The engine's own path (model.liger): the same patch a user gets.
         from transformers.models.mistral import modeling_mistral
+
+        from embforge.engine.liger import apply_liger
         saved = {k: getattr(modeling_mistral, k) for k in ("apply_rotary_pos_emb", "MistralRMSNorm", "MistralMLP")}
         undo.append(lambda: [setattr(modeling_mistral, k, v) for k, v in saved.items()])
-        apply_liger_kernel_to_mistral(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                      fused_linear_cross_entropy=False, model=decoder)
+        apply_liger(decoder, next(decoder.parameters()).device)
 
 
 def plant_slow_layers(obj, factor: int):

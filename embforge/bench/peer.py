@@ -8,6 +8,7 @@ tokenizer call adds no EOS for this tokenizer.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 
 import torch
@@ -27,11 +28,27 @@ def lora_config(r: int, alpha: int, dropout: float):
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+def flash_available(device: str) -> bool:
+    """ST's padding-free mode (inputs flattened by DataCollatorWithFlattening, varlen flash attention) needs
+    flash attention from flash-attn or the `kernels` package, on CUDA, in half precision."""
+    return torch.device(device).type == "cuda" and any(
+        importlib.util.find_spec(m) is not None for m in ("flash_attn", "kernels"))
+
+
+def peer_mode(st, token_budget: bool) -> str:
+    """Which of ST's configurations ran, for the row: flattened (padding-free) or padded inputs; token-budget
+    or fixed-size mini-batches."""
+    flat = bool(getattr(st[0], "can_flatten_inputs", False))
+    return f"{'flattened' if flat else 'padded'}+{'mini_batch_num_tokens' if token_budget else 'mini_batch_size'}"
+
+
 def build_st_model(model_dir, *, device: str, dtype: torch.dtype, quantization: str, gradient_checkpointing: bool,
                    max_length: int, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05):
     from sentence_transformers import SentenceTransformer
     Transformer, Pooling, Normalize = _st_modules()
-    model_kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    # Its strongest configuration: flash attention (then ST packs its inputs padding-free) where installed.
+    attn = "flash_attention_2" if flash_available(device) and dtype != torch.float32 else "sdpa"
+    model_kwargs = {"dtype": dtype, "attn_implementation": attn}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
         model_kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -4,7 +4,10 @@ Hooks sit on the HF decoder's embedding lookup and final norm (the decoder is th
 `layers`, wherever peft or sentence-transformers wrapped it; both call the decoder's forward method directly, past
 its own module hooks, but the lookup and the norm inside it go through theirs), so both systems are measured by
 the same ruler:
-- every decoder forward: (rows, padded length) and whether grad was on (pass 2) or off (pass 1);
+- every decoder forward: (rows, padded length) and whether grad was on (pass 2) or off (pass 1); for a packed row
+  (one row whose position ids restart, seen by a hook on the rotary embedding) also the sequence lengths in it,
+  since its attention work is that of each sequence, not of one sequence as long as the row (reading the position
+  ids costs one small device-to-host copy per packed forward, as the engine's own cu_seqlens check does);
 - the pass boundaries: the end of the last no-grad forward (pass 1 done) and the start of the first forward with
   grad (loss done). On CUDA these are events recorded in the stream, so nothing waits for the GPU mid-step and the
   split is the GPU's own timeline (the engine's perf_counter timings are not synchronized);
@@ -32,6 +35,11 @@ class Forward:
     rows: int
     length: int
     grad: bool
+    segments: tuple[int, ...] | None = None   # packed row: the lengths of the sequences in it
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """(rows, length) pairs with the attention work of this forward: a packed row is its sequences."""
+        return [(1, n) for n in self.segments] if self.segments else [(self.rows, self.length)]
 
 
 @dataclass
@@ -64,6 +72,8 @@ class Tracker:
                          if t.device.type != "meta"}
         self._handles = [self.decoder.embed_tokens.register_forward_pre_hook(self._on_embed),
                          self.decoder.norm.register_forward_hook(self._on_norm)]
+        if hasattr(self.decoder, "rotary_emb"):
+            self._handles.append(self.decoder.rotary_emb.register_forward_pre_hook(self._on_rotary, with_kwargs=True))
 
     def remove(self):
         for h in self._handles:
@@ -101,6 +111,14 @@ class Tracker:
         if grad and self.track_saved:
             self.trace.chunk_saved_bytes.append(0)  # a new chunk's graph starts: the previous one is gone
             self._storages = set()
+
+    def _on_rotary(self, module, args, kwargs):
+        pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if pos is None or not self.trace.forwards or pos.dim() != 2 or pos.shape[0] != 1:
+            return
+        starts = torch.nonzero(pos[0] == 0).flatten().tolist()
+        if len(starts) > 1 and starts[0] == 0:   # positions restart: a packed row
+            self.trace.forwards[-1].segments = tuple(b - a for a, b in zip(starts, starts[1:] + [pos.shape[1]]))
 
     def _on_norm(self, module, args, output):
         if not torch.is_grad_enabled():

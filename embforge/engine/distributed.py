@@ -245,7 +245,7 @@ class WrappedEmbedder:
     DDP's gradients unreduced: when the step calls a new embedder method to embed a chunk, add its name here
     (tests/test_engine_distributed.py fails otherwise)."""
 
-    ROUTED = ("forward_tokens",)
+    ROUTED = ("forward_tokens", "embed_chunk")
 
     def __init__(self, embedder, engine, strategy: str):
         self.__dict__.update(embedder=embedder, engine=engine, strategy=strategy)

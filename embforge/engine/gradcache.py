@@ -5,8 +5,10 @@
     pass 2   re-run each chunk with grad under the exact RNG state it had in pass 1 (CPU and CUDA generators, so
              LoRA dropout masks match) and backpropagate the cached gradient: sum(emb * dL/demb).backward()
 
-Chunks are formed by a token budget after sorting all sequences by length, and each chunk is padded only to its own
-longest member, so a chunk of short queries never pays for the longest document. Identical texts anywhere in the
+Chunks are formed by a token budget. Packed (embedder.packing, the default wherever it is exact: packing.py), a
+chunk is one padding-free row of concatenated sequences holding up to `chunk_tokens` real tokens, attention confined
+to each sequence. Padded, sequences are sorted by length and each chunk is padded only to its own longest member,
+so a chunk of short queries never pays for the longest document. Identical texts anywhere in the
 batch get the same id, so a duplicate is never used as a negative. When everything fits in one chunk the step is a
 single forward with grad (no second pass).
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from embforge.engine.distributed import grad_sync
+from embforge.engine.packing import make_packed_chunks
 from embforge.kernels import infonce_loss
 
 CPU_CHUNK_TOKENS = 4096   # "auto" on CPU: memory is rarely the limit there, and larger chunks stop paying off
@@ -58,9 +61,14 @@ class StepResult:
     loss: float
     n_chunks: int
     tokens: int            # real (unpadded) tokens embedded
-    padded_tokens: int     # tokens computed including padding, per pass
-    chunk_tokens: int = 0  # the budget used (resolved when "auto")
+    padded_tokens: int     # tokens computed per pass, padding included (== tokens when packed)
+    chunk_tokens: int = 0  # the budget used (resolved when "auto"): real tokens when packed, rows x longest if not
     timings: dict = field(default_factory=dict)   # seconds: pass1 (encoder forward), loss, pass2 (encoder backward)
+    packed: bool = False   # chunks were padding-free packed rows
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.padded_tokens
 
 
 def make_chunks(lengths: list[int], chunk_tokens: int, max_chunk_seqs: int | None = None) -> list[list[int]]:
@@ -114,14 +122,13 @@ def _sync(device: torch.device):
 
 
 def _fits(embedder, rows: int, seq_len: int) -> int | None:
-    """Peak bytes of one forward+backward of rows x seq_len tokens, or None on out-of-memory."""
+    """Peak bytes of one forward+backward of rows sequences of seq_len tokens (one packed row of rows x seq_len
+    tokens when the embedder packs), or None on out-of-memory."""
     dev = embedder.device
-    ids = torch.full((rows, seq_len), embedder.tokenizer.eos_token_id, device=dev, dtype=torch.long)
-    mask = torch.ones_like(ids)
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     try:
-        embedder.forward_tokens(ids, mask).sum().backward()
+        embedder.embed_chunk([[embedder.tokenizer.eos_token_id] * seq_len] * rows).sum().backward()
         _sync(dev)
         return torch.cuda.max_memory_allocated(dev) - base
     except torch.OutOfMemoryError:
@@ -143,8 +150,9 @@ def auto_chunk_tokens(embedder, *, seq_len: int | None = None, headroom: float =
         return CPU_CHUNK_TOKENS
     seq_len = seq_len or max(embedder.config.query_max_length, embedder.config.doc_max_length)
     cache = embedder.__dict__.setdefault("_auto_chunk_tokens", {})
-    if seq_len in cache:
-        return cache[seq_len]
+    key = (seq_len, getattr(embedder, "packing", False))   # packed and padded rows are probed apart
+    if key in cache:
+        return cache[key]
     saved = [(p, p.grad) for p in embedder.trainable_parameters()]
     rng = _RngState(dev)
     try:
@@ -171,8 +179,8 @@ def auto_chunk_tokens(embedder, *, seq_len: int | None = None, headroom: float =
         for p, g in saved:
             p.grad = g
         rng.restore()
-    cache[seq_len] = best * seq_len
-    return cache[seq_len]
+    cache[key] = best * seq_len
+    return cache[key]
 
 
 def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | torch.Tensor = 0.02,
@@ -184,7 +192,8 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     dist: a distributed.Dist with a process group, to train on N ranks (the embedder then a WrappedEmbedder and the
     batch this rank's slice with global ids, see distributed.shard_batch); result.loss is then the global loss.
 
-    chunk_tokens: padded tokens per chunk (rows x longest row), or "auto" (see auto_chunk_tokens). The batch size
+    chunk_tokens: tokens per chunk -- real tokens of one packed row when embedder.packing, else padded tokens
+    (rows x longest row) -- or "auto" (see auto_chunk_tokens). The batch size
     is the batch's; this only sets how much runs through the encoder at once. Train/eval mode is the caller's."""
     dev = embedder.device
     _sync(dev)
@@ -197,7 +206,9 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
         chunk_tokens = auto_chunk_tokens(embedder)
     elif isinstance(chunk_tokens, str):
         raise ValueError(f"chunk_tokens must be an int or 'auto', got {chunk_tokens!r}")
-    chunks = make_chunks([len(s) for s in seqs], int(chunk_tokens), max_chunk_seqs)
+    packed = bool(getattr(embedder, "packing", False))
+    chunks = (make_packed_chunks if packed else make_chunks)([len(s) for s in seqs], int(chunk_tokens),
+                                                             max_chunk_seqs)
     if batch.query_ids is not None:
         qid, did = torch.tensor(batch.query_ids, dtype=torch.long), torch.tensor(batch.doc_ids, dtype=torch.long)
     elif dist is not None and dist.active:
@@ -208,13 +219,14 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     loss_kw = dict(query_ids=qid.to(dev), doc_ids=did.to(dev), same_tower=same_tower,
                    matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=loss_backend)
     chunks = _equal_chunk_count(chunks, embedder, dist)
-    result = StepResult(0.0, len(chunks), sum(len(s) for s in seqs),
-                        sum(len(c) * len(seqs[c[0]]) for c in chunks if c), int(chunk_tokens))
+    real = sum(len(s) for s in seqs)
+    computed = real if packed else sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks if c)
+    result = StepResult(0.0, len(chunks), real, computed, int(chunk_tokens), packed=packed)
     index = [torch.tensor(c, device=dev) for c in chunks]
 
     if len(chunks) == 1:
         # Everything fits at once: a plain forward with grad, nothing cached, no second pass.
-        emb = embedder.forward_tokens(*embedder.collate([seqs[i] for i in chunks[0]]))
+        emb = embedder.embed_chunk([seqs[i] for i in chunks[0]])
         reps = torch.empty_like(emb).index_copy(0, index[0], emb)   # back to batch order, differentiably
         _sync(dev)
         t1 = time.perf_counter()
@@ -236,7 +248,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
             if not c:   # an empty chunk (FSDP2: every rank runs as many forwards as the busiest)
                 _dummy_forward(embedder)
                 continue
-            cache.index_copy_(0, idx, embedder.forward_tokens(*embedder.collate([seqs[i] for i in c])).float())
+            cache.index_copy_(0, idx, embedder.embed_chunk([seqs[i] for i in c]).float())
     after_pass1 = _RngState(dev)
     _sync(dev)
     t1 = time.perf_counter()
@@ -257,7 +269,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
             if not c:
                 (_dummy_forward(embedder) * 0).sum().backward()
                 continue
-            emb = embedder.forward_tokens(*embedder.collate([seqs[i] for i in c]))
+            emb = embedder.embed_chunk([seqs[i] for i in c])
             torch.autograd.backward(emb, grad_tensors=grad.index_select(0, idx).to(emb.dtype))
     after_pass1.restore()  # leave the generators where a single pass would have left them
     _sync(dev)

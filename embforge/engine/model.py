@@ -55,6 +55,7 @@ class ModelConfig:
     doc_max_length: int = 512
     rope_theta: float | None = None     # long-context override (E5 passkey: 1e5 with a 32k window)
     padding_side: str = "right"         # left and right give the same embeddings (pooling is by mask)
+    liger: bool = False                 # Liger-Kernel RMSNorm/RoPE/SwiGLU (llama, mistral, qwen2; CUDA only)
 
     def validate(self):
         choices = {"quantization": ("none", "nf4"), "pooling": ("last", "mean"),
@@ -91,10 +92,17 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _attn_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: flash-attn when importable on CUDA, else torch's own varlen flash kernel (SDPA for padded chunks,
+    varlen for packed ones: embforge/engine/packing.py), else SDPA."""
     if name != "auto":
         return name
-    if device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if device.type == "cuda" and dtype != torch.float32:
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        from embforge.engine import packing
+        if packing.torch_varlen_available():
+            packing.register_varlen_attention()
+            return packing.VARLEN_ATTENTION
     return "sdpa"
 
 
@@ -156,6 +164,7 @@ class Embedder(torch.nn.Module):
             raise ValueError("the tokenizer has no EOS token; last-token pooling needs one")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # pooling is by mask, so pad == eos is harmless
+        self.set_packing("auto")
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -188,6 +197,9 @@ class Embedder(torch.nn.Module):
             model.to(device)
         else:
             _keep_bnb_cpu_weights_trainable(model)
+        if cfg.liger:
+            from embforge.engine.liger import apply_liger
+            apply_liger(model, device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(cls._wrap(model, cfg), tokenizer, cfg)
 
@@ -243,6 +255,8 @@ class Embedder(torch.nn.Module):
         cfg = build_dataclass(ModelConfig, meta["model"], prefix="model.")
         overrides = {k: v for k, v in (("quantization", quantization), ("dtype", dtype)) if v is not None}
         cfg = dataclasses.replace(cfg, **overrides)
+        if cfg.liger and torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cuda":
+            cfg = dataclasses.replace(cfg, liger=False)  # same math, kernels only: load a GPU-trained model anywhere
         if meta.get("merged"):
             cfg = dataclasses.replace(cfg, path=str(path / "merged"), lora=None, quantization="none")
             emb = cls.from_config(cfg, device)
@@ -296,6 +310,14 @@ class Embedder(torch.nn.Module):
         max_len = self.config.query_max_length if is_query else self.config.doc_max_length
         return tokenize_texts(self.tokenizer, texts, max_len)
 
+    def set_packing(self, mode: bool | str = "auto"):
+        """Padding-free packed chunks (true), padded chunks (false), or "auto": packed wherever it is exact and
+        a varlen kernel skips the cross-sequence blocks (embforge/engine/packing.py). Used by embed_chunk, so by
+        training, encode and eval alike."""
+        from embforge.engine import packing
+        self.packing = packing.resolve_packing(mode, self)
+        self.packed_kernel = packing.packed_kernel(self.model.config._attn_implementation, self.device)
+
     def collate(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to the longest sequence in this group only (per-chunk padding), on the model's device."""
         return pad_batch(seqs, self.tokenizer.pad_token_id, self.config.padding_side, self.device)
@@ -307,6 +329,14 @@ class Embedder(torch.nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         pool = mean_pool if self.config.pooling == "mean" else last_token_pool
         return pool(hidden, attention_mask, normalize=False, out_dtype=torch.float32)
+
+    def embed_chunk(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Raw pooled fp32 embeddings [b, H] of token sequences run through the decoder at once: one packed row
+        when `self.packing`, else padded to the longest of them."""
+        if self.packing:
+            from embforge.engine.packing import embed_packed
+            return embed_packed(self, seqs)
+        return self.forward_tokens(*self.collate(seqs))
 
     @torch.no_grad()
     def encode(self, texts: list[str], *, instruction: str | None = None, is_query: bool | None = None,
@@ -330,7 +360,7 @@ class Embedder(torch.nn.Module):
         try:
             for start in starts:
                 idx = order[start: start + batch_size]
-                emb = self.forward_tokens(*self.collate([seqs[i] for i in idx]))
+                emb = self.embed_chunk([seqs[i] for i in idx])
                 out[idx] = torch.nn.functional.normalize(emb, dim=-1).cpu()
         finally:
             self.model.train(was_training)

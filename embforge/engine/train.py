@@ -45,8 +45,9 @@ class DataConfig:
 class BatchConfig:
     queries: int = 64                  # queries per optimizer step (effective batch)
     negatives: int = 1                 # hard negatives per query (missing ones are filled from other examples)
-    chunk_tokens: int | str = 4096     # GradCache chunk budget in (padded) tokens, or "auto"
+    chunk_tokens: int | str = 4096     # GradCache chunk budget: real tokens when packed, else padded; or "auto"
     max_chunk_seqs: int | None = None
+    packing: bool | str = "auto"       # padding-free packed chunks; auto: on wherever exact (engine/packing.py)
 
 
 @dataclass
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError("data.train: give at least one training JSONL file")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch.packing not in (True, False, "auto"):
+            raise ValueError(f"batch.packing must be true, false or 'auto', got {self.batch.packing!r}")
         if self.optim.decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.decay must be linear, cosine or constant, got {self.optim.decay!r}")
 
@@ -214,6 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)                  # identical LoRA init on every rank
     embedder = Embedder.from_config(cfg.model, device)
+    embedder.set_packing(cfg.batch.packing)
     embedder.model.train()
     if dist_.rank > 0:
         # Per-rank dropout streams; rank 0 continues the single-process stream (so world size 1 == one process).
@@ -298,10 +302,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             dt = time.perf_counter() - t0
             losses.append(res.loss)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-            tokens, peak = dist_.sum(res.tokens), dist_.max(peak)
+            tokens, computed = int(dist_.sum(res.tokens)), int(dist_.sum(res.padded_tokens))
+            peak = dist_.max(peak)
             stop["flag"] = dist_.any(stop["flag"])   # one rank's signal stops every rank at this step
             rec = {"step": step + 1, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
                    "tokens_per_s": tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
+                   "real_tokens": tokens, "computed_tokens": computed, "packed": res.packed,
                    **{f"t_{k}": v for k, v in res.timings.items()}}
             if dist_.active:
                 rec["world_size"] = dist_.world_size

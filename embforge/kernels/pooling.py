@@ -3,6 +3,7 @@
 last_token_pool         hidden [B, T, H] + attention_mask [B, T]  -> [B, H]   (left or right padding)
 last_token_pool_packed  hidden [total, H] + cu_seqlens [B + 1]    -> [B, H]   (varlen / packed batches)
 mean_pool               hidden [B, T, H] + attention_mask [B, T]  -> [B, H]   (masked mean)
+mean_pool_packed        hidden [total, H] + cu_seqlens [B + 1]    -> [B, H]   (mean of each packed sequence)
 
 Why these kernels. A causal decoder's last real token has seen the whole text, so it is the embedding. Padding
 may sit on either side, and the pad token is usually EOS, so the position is found from the mask (the last
@@ -226,6 +227,49 @@ def _mean_bwd_kernel(
              mask=(t[:, None] < T) & (h[None, :] < H))
 
 
+@triton.jit
+def _mean_packed_fwd_kernel(
+    hid_ptr, stride_ht, stride_hh,      # [total, H]
+    cu_ptr,                             # [B + 1] sequence boundaries
+    mean_ptr, stride_ob,                # [B, H] out
+    H,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    # Grid (B, H / BLOCK_H): one sequence's rows are contiguous, so no mask is read at all.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        x = tl.load(hid_ptr + t[:, None] * stride_ht + h[None, :] * stride_hh,
+                    mask=(t[:, None] < end) & (h[None, :] < H), other=0.0)
+        acc += x.to(tl.float32)
+    n = tl.maximum(end - start, 1).to(tl.float32)   # empty sequences are rejected by the host
+    tl.store(mean_ptr + b * stride_ob + h, (tl.sum(acc, axis=0) / n).to(mean_ptr.dtype.element_ty), mask=h < H)
+
+
+@triton.jit
+def _mean_packed_bwd_kernel(
+    dhid_ptr, stride_dt,                # [total, H] out, contiguous, zero-filled (rows past the last sequence)
+    dmean_ptr, stride_gb, stride_gh,    # [B, H]
+    cu_ptr, H,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    inv_n = 1.0 / tl.maximum(end - start, 1).to(tl.float32)
+    g = tl.load(dmean_ptr + b * stride_gb + h * stride_gh, mask=h < H, other=0.0).to(tl.float32) * inv_n
+    tile = tl.zeros([BLOCK_T, BLOCK_H], tl.float32) + g[None, :]
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tl.store(dhid_ptr + t[:, None] * stride_dt + h[None, :], tile.to(dhid_ptr.dtype.element_ty),
+                 mask=(t[:, None] < end) & (h[None, :] < H))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # autograd Functions (Triton backend)
 # ----------------------------------------------------------------------------------------------------------
@@ -341,6 +385,44 @@ class _MeanPoolFunction(torch.autograd.Function):
         return dhid, None, None, None, None
 
 
+class _MeanPoolPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, cu_seqlens, normalize, eps, out_dtype):
+        B, H = cu_seqlens.shape[0] - 1, hidden.shape[1]
+        mean = _empty(B, H, device=hidden.device, dtype=torch.float32 if normalize else out_dtype)
+        BT, BH, warps = _mean_blocks(1 << 30, H, hidden.element_size())
+        _mean_packed_fwd_kernel[(B, triton.cdiv(H, BH))](
+            hidden, hidden.stride(0), hidden.stride(1), cu_seqlens, mean, mean.stride(0), H,
+            BLOCK_T=BT, BLOCK_H=BH, num_warps=warps)
+        out = mean
+        if normalize:
+            out = _empty(B, H, device=hidden.device, dtype=out_dtype)
+            _normalize_rows_kernel[(B,)](mean, mean.stride(0), out, out.stride(0), H, eps,
+                                         BLOCK_H=_row_block(H), num_warps=4)
+        ctx.save_for_backward(cu_seqlens, mean if normalize else None)
+        ctx.meta = (normalize, eps, hidden.shape, hidden.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        cu, mean = ctx.saved_tensors
+        normalize, eps, shape, dtype = ctx.meta
+        B, H = grad_out.shape
+        dmean = grad_out
+        if normalize:
+            dmean = _empty(B, H, device=grad_out.device, dtype=torch.float32)
+            _normalize_rows_bwd_kernel[(B,)](mean, grad_out, grad_out.stride(0), grad_out.stride(1), dmean, H, eps,
+                                             BLOCK_H=_row_block(H), num_warps=4)
+        # Zero-filled: rows after the last sequence (alignment padding) get no gradient.
+        dhid = torch.zeros(shape, device=grad_out.device, dtype=dtype)
+        BH = min(128, triton.next_power_of_2(max(H, 16)))
+        _mean_packed_bwd_kernel[(B, triton.cdiv(H, BH))](
+            dhid, dhid.stride(0), dmean, dmean.stride(0), dmean.stride(1), cu, H, BLOCK_T=32, BLOCK_H=BH,
+            num_warps=4)
+        return dhid, None, None, None, None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Plain-PyTorch references (the CPU path, float64 inputs, and what the kernels are benchmarked against)
 # ----------------------------------------------------------------------------------------------------------
@@ -361,6 +443,17 @@ def last_token_pool_torch(hidden, attention_mask, *, normalize=True, eps=1e-6, o
 def last_token_pool_packed_torch(hidden, cu_seqlens, *, normalize=True, eps=1e-6, out_dtype=None):
     rows = hidden[cu_seqlens[1:].long() - 1]
     return _finish(rows, normalize, eps, out_dtype or hidden.dtype)
+
+
+def mean_pool_packed_torch(hidden, cu_seqlens, *, normalize=True, eps=1e-6, out_dtype=None):
+    """Segment sums by index_add over each row's sequence id (rows past the last sequence are left out)."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq_of_row = torch.repeat_interleave(torch.arange(lengths.shape[0], device=hidden.device), lengths)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(lengths.shape[0], hidden.shape[1], device=hidden.device, dtype=acc)
+    sums = sums.index_add(0, seq_of_row, hidden[: seq_of_row.shape[0]].to(acc))
+    return _finish(sums / lengths.unsqueeze(-1).to(acc), normalize, eps, out_dtype or hidden.dtype)
 
 
 def mean_pool_torch(hidden, attention_mask, *, normalize=True, eps=1e-6, out_dtype=None):
@@ -409,6 +502,28 @@ def _check_mask(fn, hidden, mask):
         raise ValueError(f"{fn}: attention_mask is on {mask.device} but hidden is on {hidden.device}")
 
 
+def _check_packed(fn, hidden, cu_seqlens, out_dtype):
+    _check_hidden(fn, hidden, 2, out_dtype)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{fn}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in _INT_DTYPES[1:]:
+        raise TypeError(f"{fn}: cu_seqlens must hold integers, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{fn}: cu_seqlens must be 1-D [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"{fn}: cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # One device->host transfer for all three checks.
+    first, last, n_bad = torch.stack([cu_seqlens[0].long(), cu_seqlens[-1].long(), (lengths <= 0).sum()]).tolist()
+    if first != 0:
+        raise ValueError(f"{fn}: cu_seqlens must start at 0, got {first}")
+    if n_bad:
+        bad = torch.nonzero(lengths <= 0).flatten()[:10].tolist()
+        raise ValueError(f"{fn}: cu_seqlens must be strictly increasing; sequence(s) {bad} are empty or negative")
+    if last > hidden.shape[0]:
+        raise ValueError(f"{fn}: cu_seqlens ends at {last} but hidden has only {hidden.shape[0]} rows")
+
+
 def _pick(backend, hidden):
     backend = resolve_backend(backend, hidden.device)
     # The kernels compute in fp32; float64 (e.g. gradcheck) keeps its precision on the torch path.
@@ -450,25 +565,7 @@ def last_token_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, *, no
     ending at most at total (trailing alignment padding is allowed). Returns [B, H] in out_dtype.
     """
     fn = "last_token_pool_packed"
-    _check_hidden(fn, hidden, 2, out_dtype)
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{fn}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in _INT_DTYPES[1:]:
-        raise TypeError(f"{fn}: cu_seqlens must hold integers, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"{fn}: cu_seqlens must be 1-D [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != hidden.device:
-        raise ValueError(f"{fn}: cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    # One device->host transfer for all three checks.
-    first, last, n_bad = torch.stack([cu_seqlens[0].long(), cu_seqlens[-1].long(), (lengths <= 0).sum()]).tolist()
-    if first != 0:
-        raise ValueError(f"{fn}: cu_seqlens must start at 0, got {first}")
-    if n_bad:
-        bad = torch.nonzero(lengths <= 0).flatten()[:10].tolist()
-        raise ValueError(f"{fn}: cu_seqlens must be strictly increasing; sequence(s) {bad} are empty or negative")
-    if last > hidden.shape[0]:
-        raise ValueError(f"{fn}: cu_seqlens ends at {last} but hidden has only {hidden.shape[0]} rows")
+    _check_packed(fn, hidden, cu_seqlens, out_dtype)
     if _pick(backend, hidden) == "torch":
         return last_token_pool_packed_torch(hidden, cu_seqlens, normalize=normalize, eps=eps, out_dtype=out_dtype)
     return _LastTokenPoolFunction.apply(hidden, cu_seqlens, True, normalize, float(eps), out_dtype or hidden.dtype)
@@ -486,3 +583,14 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, *, normalize: 
     if _pick(backend, hidden) == "torch":
         return mean_pool_torch(hidden, attention_mask, normalize=normalize, eps=eps, out_dtype=out_dtype)
     return _MeanPoolFunction.apply(hidden, attention_mask, normalize, float(eps), out_dtype or hidden.dtype)
+
+
+def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, *, normalize: bool = True,
+                     backend: str = "auto", eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean of each packed sequence hidden[cu_seqlens[i]:cu_seqlens[i+1]] (fp32 accumulation), then optionally
+    L2-normalized. Same cu_seqlens contract as last_token_pool_packed. Returns [B, H] in out_dtype."""
+    fn = "mean_pool_packed"
+    _check_packed(fn, hidden, cu_seqlens, out_dtype)
+    if _pick(backend, hidden) == "torch":
+        return mean_pool_packed_torch(hidden, cu_seqlens, normalize=normalize, eps=eps, out_dtype=out_dtype)
+    return _MeanPoolPackedFunction.apply(hidden, cu_seqlens, normalize, float(eps), out_dtype or hidden.dtype)
