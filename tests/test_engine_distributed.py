@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from embforge.engine.distributed import Dist, DistributedConfig, check_launch, rank_seed, shard_batch
+from embforge.engine.packing import make_packed_chunks
 from embforge.engine.gradcache import ContrastiveBatch, contrastive_step, make_chunks, text_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,8 +118,10 @@ def reference(name, world_size) -> tuple[float, dict]:
             emb.tokenize(local.documents, is_query=False)
         torch.manual_seed(rank_seed(0, r))
         out = [None] * len(seqs)
-        for c in make_chunks([len(s) for s in seqs], kw["chunk_tokens"]):
-            e = emb.forward_tokens(*emb.collate([seqs[i] for i in c]))
+        # The same chunks, in the same order and through the same (packed or padded) path as contrastive_step.
+        chunker = make_packed_chunks if emb.packing else make_chunks
+        for c in chunker([len(s) for s in seqs], kw["chunk_tokens"]):
+            e = emb.embed_chunk([seqs[i] for i in c])
             for j, i in enumerate(c):
                 out[i] = e[j]
         b = len(local.queries)
