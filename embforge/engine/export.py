@@ -92,6 +92,15 @@ def eos_appending_tokenizer(tokenizer):
     return tok
 
 
+def _check_causal_for_st(cfg):
+    if getattr(cfg, "attention", "causal") != "causal":
+        # transformers' decoder layers hard-code is_causal=True at load, and sentence-transformers loads the model
+        # from config.json alone: unpadded batches would attend causally, padded ones not (see engine/attention.py)
+        raise ExportError("model.attention=bidirectional cannot be exported as a sentence-transformers folder: "
+                          "a plain transformers load restores causal attention layers. Use the embforge folder "
+                          "(embforge encode / eval), or --merge, which embforge loads bidirectionally")
+
+
 def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: str) -> Path:
     """A folder `SentenceTransformer(out_dir)` loads: `.encode_query(qs)` == `embforge encode --instruction`,
     `.encode_document(docs)` == `embforge encode` (checked here on probe texts, token for token)."""
@@ -105,6 +114,7 @@ def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: s
         raise ExportError("the sentence-transformers export needs sentence-transformers: "
                           "pip install -c constraints.txt 'embforge[eval]'") from e
     cfg = emb.config
+    _check_causal_for_st(cfg)
     prompt = query_prompt(cfg.query_template, instruction)
     out = Path(out_dir)
     hf_dir = out / "_hf"
@@ -156,6 +166,8 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     """Write `out_dir/` (embforge folder: adapter + config, what `embforge encode` loads), and optionally
     `out_dir/merged/` and `out_dir/sentence-transformers/`. Returns what was written."""
     emb = load_for_export(model_dir, dtype)
+    if sentence_transformers:
+        _check_causal_for_st(emb.config)   # before anything is written
     if not hasattr(emb.model, "peft_config"):
         raise ExportError(f"{model_dir} holds no LoRA adapter (already a merged export?); export a run's "
                           "output_dir/final")
