@@ -50,7 +50,7 @@ def test_bidirectional_embedding_does_not_depend_on_padding(impl):
 
 
 def test_training_step_save_load_and_merged_export_keep_bidirectional(tmp_path):
-    from embforge.engine.export import ExportError, export
+    from embforge.engine.export import export
 
     cfg = ModelConfig(path="tiny-llama", attention="bidirectional", pooling="mean", query_max_length=16,
                       doc_max_length=16)
@@ -72,22 +72,49 @@ def test_training_step_save_load_and_merged_export_keep_bidirectional(tmp_path):
     assert attention_mode(loaded.model) == "bidirectional"
     torch.testing.assert_close(loaded.encode(["check this text", "and another one"]), want, atol=1e-5, rtol=1e-4)
 
-    with pytest.raises(ExportError, match="bidirectional"):
-        export(tmp_path / "final", tmp_path / "st", sentence_transformers=True)
-    assert not (tmp_path / "st").exists()                 # refused before writing anything
-    export(tmp_path / "final", tmp_path / "out", merge=True)
+    written = export(tmp_path / "final", tmp_path / "out", merge=True, sentence_transformers=True,
+                     instruction="find it")
     merged = Embedder.from_pretrained(tmp_path / "out", "cpu")
     assert attention_mode(merged.model) == "bidirectional"
     torch.testing.assert_close(merged.encode(["check this text", "and another one"]), want, atol=1e-4, rtol=1e-3)
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(written["sentence_transformers"], device="cpu")
+    for texts in (["check this text", "and another one"], ["check this text"]):   # padded and unpadded batches
+        got = torch.as_tensor(model.encode_document(texts))
+        torch.testing.assert_close(got, want[: len(texts)], atol=1e-4, rtol=1e-3)
 
 
-def test_half_applied_flags_are_caught():
+def test_sentence_transformers_export_refuses_a_folder_that_would_load_causal(tmp_path, monkeypatch):
+    from embforge.engine import attention, export as export_mod
+
+    emb = Embedder.from_config(ModelConfig(path="tiny-llama", attention="bidirectional"), "cpu")
+    emb.save_pretrained(tmp_path / "final")
+
+    real, calls = attention.check_bidirectional, []
+
+    def stays_causal_after_reload(model, pad_id=0):
+        """The export's own load passes; the sentence-transformers reload (2nd probe) acts as an older
+        transformers that ignores is_causal would."""
+        calls.append(type(model).__name__)
+        if len(calls) > 1:
+            raise RuntimeError("no effect")
+        real(model, pad_id)
+    monkeypatch.setattr(attention, "check_bidirectional", stays_causal_after_reload)
+    with pytest.raises(export_mod.ExportError, match="would load with causal attention"):
+        export_mod.export(tmp_path / "final", tmp_path / "out", sentence_transformers=True)
+    assert len(calls) == 2
+
+
+def test_the_load_check_catches_a_model_that_stayed_causal():
     emb = Embedder.from_config(ModelConfig(path="tiny-llama", lora=None), "cpu")
-    emb.model.config.is_causal = False                    # mask bidirectional, layers still causal
     with pytest.raises(RuntimeError, match="no effect"):
-        check_bidirectional(emb.model)
+        check_bidirectional(emb.model)                    # a causal model fails the probe
     set_attention(emb.model, "bidirectional")
     check_bidirectional(emb.model)
+    assert not any(getattr(m, "is_causal", False) for m in emb.model.modules())
+    set_attention(emb.model, "causal")
+    with pytest.raises(RuntimeError, match="no effect"):
+        check_bidirectional(emb.model)
     with pytest.raises(ValueError, match="attention must be one of"):
         set_attention(emb.model, "sideways")
     with pytest.raises(ValueError, match="model.attention"):

@@ -78,7 +78,7 @@ def test_default_corpus_is_the_datas_own_texts_and_append_mode(tmp_path):
     table = {"alpha beta": 0.9, "gamma delta": 0.5, "epsilon zeta": 0.1, "own neg": 0.3,
              "q0": 1.0, "q1": 1.0, "q2": 1.0}
     mine(data, out, FakeEncoder(table), progress=False,
-         cfg=MineConfig(rank_start=1, rank_end=10, negatives=1, margin=2.0, mode="append"))
+         cfg=MineConfig(rank_start=1, rank_end=10, negatives=1, margin=100.0, mode="append"))
     got = [json.loads(line)["negatives"] for line in out.read_text().splitlines()]
     # all queries point the same way: each record's best non-positive candidate is "alpha beta" or "gamma delta"
     assert got == [["own neg", "gamma delta"], ["own neg", "alpha beta"], ["own neg", "alpha beta"]]

@@ -1,13 +1,14 @@
 """`model.attention: causal | bidirectional` for decoder backbones (the LLM2Vec / NV-Embed / GritLM choice).
 
-How transformers 5 builds decoder attention (read in masking_utils.py and integrations/sdpa_attention.py):
-- the model calls `create_causal_mask(config=...)`, which returns `create_bidirectional_mask(...)` instead when
-  `config.is_causal` is False: a padding-only mask (eager always gets it; sdpa gets None when nothing is padded);
-- when the mask is None, sdpa / flash attention fall back to each attention layer's own `is_causal` flag, which the
-  layers set to True in __init__.
-So bidirectional attention needs both: `config.is_causal = False` and `is_causal = False` on every attention layer.
-Changing only one gives a model that is bidirectional in padded batches and causal in unpadded ones (or the
-reverse), which no test on a single batch shape would notice; `check_bidirectional` probes both shapes.
+How transformers 5 decides (read in transformers 5.23: utils/generic.py, masking_utils.py,
+integrations/sdpa_attention.py):
+- the model's forward wrapper passes `config.is_causal` on as the `is_causal` kwarg of every attention call, and
+  sdpa / flash attention use that kwarg before the layer's own `is_causal` attribute (True from __init__);
+- `create_causal_mask` returns `create_bidirectional_mask(...)` when `config.is_causal` is False: padding only
+  (eager always gets it materialised; sdpa gets None when nothing is padded, and then relies on the kwarg).
+So `config.is_causal = False` is the switch. We also clear each attention layer's `is_causal`, for versions or
+code paths that read the attribute instead of the kwarg. `check_bidirectional` probes padded and unpadded batches
+at load, so a transformers version that honours neither fails loudly instead of training a causal model.
 """
 from __future__ import annotations
 

@@ -92,13 +92,18 @@ def eos_appending_tokenizer(tokenizer):
     return tok
 
 
-def _check_causal_for_st(cfg):
-    if getattr(cfg, "attention", "causal") != "causal":
-        # transformers' decoder layers hard-code is_causal=True at load, and sentence-transformers loads the model
-        # from config.json alone: unpadded batches would attend causally, padded ones not (see engine/attention.py)
-        raise ExportError("model.attention=bidirectional cannot be exported as a sentence-transformers folder: "
-                          "a plain transformers load restores causal attention layers. Use the embforge folder "
-                          "(embforge encode / eval), or --merge, which embforge loads bidirectionally")
+def _check_attention_for_st(cfg, auto_model):
+    """The folder must attend the way embforge trained: sentence-transformers loads the decoder with plain
+    transformers, which honours config.json's is_causal=false (5.23 does); probe the loaded model to be sure."""
+    if getattr(cfg, "attention", "causal") == "causal":
+        return
+    from embforge.engine.attention import check_bidirectional
+    try:
+        check_bidirectional(auto_model)
+    except RuntimeError as e:
+        raise ExportError("model.attention=bidirectional: the sentence-transformers folder would load with causal "
+                          "attention under this transformers version; use the embforge folder (embforge encode / "
+                          f"eval) or --merge instead ({e})") from e
 
 
 def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: str) -> Path:
@@ -114,7 +119,6 @@ def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: s
         raise ExportError("the sentence-transformers export needs sentence-transformers: "
                           "pip install -c constraints.txt 'embforge[eval]'") from e
     cfg = emb.config
-    _check_causal_for_st(cfg)
     prompt = query_prompt(cfg.query_template, instruction)
     out = Path(out_dir)
     hf_dir = out / "_hf"
@@ -132,6 +136,7 @@ def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: s
                   document_length=cfg.doc_max_length)
     transformer = Transformer(str(hf_dir), max_seq_length=max_len, **kw,
                               model_kwargs={"dtype": next(merged.parameters()).dtype, "attn_implementation": "sdpa"})
+    _check_attention_for_st(cfg, transformer.auto_model)
     pooling = Pooling(merged.config.hidden_size, pooling_mode="lasttoken" if cfg.pooling == "last" else "mean",
                       include_prompt=True)
     st = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu",
@@ -166,8 +171,6 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     """Write `out_dir/` (embforge folder: adapter + config, what `embforge encode` loads), and optionally
     `out_dir/merged/` and `out_dir/sentence-transformers/`. Returns what was written."""
     emb = load_for_export(model_dir, dtype)
-    if sentence_transformers:
-        _check_causal_for_st(emb.config)   # before anything is written
     if not hasattr(emb.model, "peft_config"):
         raise ExportError(f"{model_dir} holds no LoRA adapter (already a merged export?); export a run's "
                           "output_dir/final")

@@ -74,7 +74,8 @@ def foldoc_or_jargon_definitions(name: str, directory: str | Path = DICTD_DIR) -
         if not paras:
             continue
         first = re.sub(r"^(n|adj|v|vt|vi|adv|interj)\.\s+", "", paras[0])
-        first = re.sub(r"^1\.\s+", "", re.sub(r"^\[[^\]]*\]\s*", "", first))   # Jargon's [usage] note
+        first = re.sub(r"^1\.\s+", "", first)
+        first = re.sub(r"^(\[[^\]]*\]|<[^>]*>)\s*", "", first)   # Jargon's [usage] note, FOLDOC's <category>
         if len(first.split()) >= 5 and head.lower() not in defs:
             defs[head.lower()] = first
     return defs
