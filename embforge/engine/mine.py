@@ -198,11 +198,15 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
         f = parts / f"corpus-{i:05d}.pt"
         chunk = texts[start:start + cfg.corpus_shard]
         if not f.exists():
-            emb = encoder.encode(chunk, instruction=None, batch_size=cfg.batch_size).float()
-            torch.save(emb, f.with_name(f.name + ".tmp"))
+            pieces = []
+            for j in range(0, len(chunk), 512):   # small encode calls: the progress bar moves
+                pieces.append(encoder.encode(chunk[j:j + 512], instruction=None, batch_size=cfg.batch_size).float())
+                bar.update(len(pieces[-1]))
+            torch.save(torch.cat(pieces), f.with_name(f.name + ".tmp"))
             os.replace(f.with_name(f.name + ".tmp"), f)
+        else:
+            bar.update(len(chunk))
         corpus_files.append(f)
-        bar.update(len(chunk))
     bar.close()
 
     depth = min(cfg.rank_end, len(texts))
