@@ -146,3 +146,15 @@ def test_cli_with_the_hashing_encoder(tmp_path):
     recs = [json.loads(line) for line in data.read_text().splitlines()]
     assert all(len(r["negatives"]) == 1 and r["negatives"][0] != r["positive"] for r in recs)
     assert main(["mine", "--data", str(data), "--out", str(data), "--model", "hashing", "--ranks", "9-3"]) == 2
+
+
+def test_positive_outside_the_corpus_is_encoded_for_the_margin(tmp_path):
+    data, corpus, out = tmp_path / "d.jsonl", tmp_path / "c.jsonl", tmp_path / "o.jsonl"
+    _write(data, [{"query": "Q", "positive": POS}])
+    _corpus_file(corpus, [t for t in CORPUS if t != POS])
+    enc = FakeEncoder({**CORPUS, "Q": 1.0})
+    report = mine(data, out, enc, corpus=corpus, progress=False,
+                  cfg=MineConfig(rank_start=5, rank_end=100, negatives=2, margin=0.95))
+    assert json.loads(out.read_text())["negatives"] == ["rain is expected tomorrow", "the recipe needs two eggs"]
+    assert report["removed"] == {"positive": 0, "duplicate": 1, "margin": 1, "above_window": 2}
+    assert [POS] in [texts for texts, _ in enc.calls]           # encoded as a document for its score

@@ -151,6 +151,27 @@ def _encode_queries(encoder, recs: list[dict], batch_size: int) -> torch.Tensor:
     return out
 
 
+def _positive_embeddings(encoder, recs: list[dict], row_of: dict[str, int], corpus_files: list[Path],
+                         cfg: MineConfig) -> torch.Tensor:
+    """Positives' document embeddings: read back from the cached corpus when the text is there (the default
+    corpus holds every positive), encoded otherwise."""
+    rows = [row_of.get(r["positive"]) for r in recs]
+    missing = [i for i, row in enumerate(rows) if row is None]
+    out = None
+    if missing:
+        emb = encoder.encode([recs[i]["positive"] for i in missing], instruction=None, batch_size=cfg.batch_size)
+        out = emb.new_zeros((len(recs), emb.shape[1])).float()
+        out[missing] = emb.float()
+    for s, f in enumerate(corpus_files):
+        lo, hi = s * cfg.corpus_shard, (s + 1) * cfg.corpus_shard
+        want = [(i, row - lo) for i, row in enumerate(rows) if row is not None and lo <= row < hi]
+        if want:
+            shard = torch.load(f)
+            out = shard.new_zeros((len(recs), shard.shape[1])) if out is None else out
+            out[[i for i, _ in want]] = shard[[r for _, r in want]]
+    return out
+
+
 def _fingerprint(data: Path, corpus: str | None, model: str, cfg: MineConfig) -> str:
     parts = [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns), str(corpus),
              str(model), json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
@@ -210,6 +231,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
     bar.close()
 
     depth = min(cfg.rank_end, len(texts))
+    row_of = {t: i for i, t in enumerate(texts)}
     n_shards = (len(records) + cfg.shard_size - 1) // cfg.shard_size
     bar = tqdm(total=len(records), desc="mine: queries", unit="query", file=sys.stderr, disable=not progress)
     for s in range(n_shards):
@@ -221,8 +243,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
                 return {"stopped_after_shards": s}
             recs = [r for _, r in shard]
             q = _encode_queries(encoder, recs, cfg.batch_size)
-            p = encoder.encode([r["positive"] for r in recs], instruction=None, batch_size=cfg.batch_size).float()
-            pos_scores = (q * p).sum(-1).tolist()
+            pos_scores = (q * _positive_embeddings(encoder, recs, row_of, corpus_files, cfg)).sum(-1).tolist()
             scores, idx = search_chunks(q, (torch.load(c) for c in corpus_files), depth)
             counts = dict.fromkeys(("retrieved", *FILTERS, "surplus"), 0)
             negs = [select_negatives(r["positive"], ps, [texts[j] for j in irow], srow, cfg, counts)
