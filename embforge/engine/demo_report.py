@@ -35,14 +35,14 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def load_model(spec: str):
+def load_model(spec: str, overrides: list[str] = ()):
     """`base:CONFIG.yaml` (the config's model, no adapter: the untrained base), `minilm`, or a model folder."""
     from embforge.eval.encoders import load_encoder
     if spec.startswith("base:"):
         from embforge.config import load_config
         from embforge.engine.model import Embedder
         from embforge.engine.train import TrainConfig
-        cfg = load_config(TrainConfig, spec[len("base:"):], [])
+        cfg = load_config(TrainConfig, spec[len("base:"):], list(overrides))
         emb = Embedder.from_config(dataclasses.replace(cfg.model, lora=None), "cpu")
         emb.eval()
         return emb
@@ -145,6 +145,10 @@ def main(argv=None) -> int:
     e.add_argument("--model", required=True, help="base:CONFIG.yaml, a model folder, or minilm")
     e.add_argument("--out", required=True)
     e.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each set")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of a base:CONFIG (e.g. model.pooling=mean)")
+    e.add_argument("--small", action="store_true", help="smaller held-out sets (100 GCIDE words, 300 docs, "
+                                                        "100 pairs) for quick comparisons")
     r = sub.add_parser("report", help="print the markdown summary of a demo run")
     r.add_argument("run_dir", nargs="?", default="runs/demo")
     args = p.parse_args(argv)
@@ -152,7 +156,9 @@ def main(argv=None) -> int:
         sys.stdout.write(report(args.run_dir))
         return 0
     t0 = time.perf_counter()
-    res = evaluate_model(load_model(args.model), plain=args.model == "minilm", max_queries=args.max_queries)
+    sizes = dict(gcide_queries=100, gcide_docs=300, sts_pairs=100) if args.small else {}
+    res = evaluate_model(load_model(args.model, args.set), plain=args.model == "minilm",
+                         max_queries=args.max_queries, **sizes)
     res["model"], res["seconds"] = args.model, round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps({k: {m: v.get(m) for m in ("ndcg_at_10", "spearman") if m in v}
