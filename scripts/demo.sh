@@ -29,7 +29,7 @@ stage data python -c "from embforge.engine.demo_data import build; print(build('
 
 echo "== 2/6 mine: hard negatives (ranks 10-100, margin 0.95 x positive score) with all-MiniLM-L6-v2"
 stage mine embforge mine --data "$RUN/train.jsonl" --out "$RUN/train.mined.jsonl" --model minilm \
-  --ranks 10-100 --negatives 1 --margin 0.95
+  --ranks 10-100 --negatives 1 --margin 0.95 --max-seq-length 64
 
 echo "== 3/6 eval: untrained base and all-MiniLM-L6-v2 on the held-out sets"
 stage eval_base python -m embforge.engine.demo_report eval --model "base:$CONFIG" --out "$RUN/eval_base.json"

@@ -158,3 +158,16 @@ def test_positive_outside_the_corpus_is_encoded_for_the_margin(tmp_path):
     assert json.loads(out.read_text())["negatives"] == ["rain is expected tomorrow", "the recipe needs two eggs"]
     assert report["removed"] == {"positive": 0, "duplicate": 1, "margin": 1, "above_window": 2}
     assert [POS] in [texts for texts, _ in enc.calls]           # encoded as a document for its score
+
+
+def test_cli_with_minilm_truncated(tmp_path):
+    from embforge.cli import main
+    data, out = tmp_path / "d.jsonl", tmp_path / "o.jsonl"
+    _write(data, [{"query": "how to sort a list", "positive": "sorted() returns a new sorted list"},
+                  {"query": "bake bread", "positive": "knead the dough and bake it for forty minutes"},
+                  {"query": "train timetable", "positive": "the train leaves the station at noon"}])
+    assert main(["mine", "--data", str(data), "--out", str(out), "--model", "minilm", "--ranks", "1-3",
+                 "--negatives", "2", "--margin", "0.99", "--max-seq-length", "16"]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["positive"] not in r["negatives"] for r in recs) and sum(map(len, (r["negatives"] for r in recs)))
+    assert main(["mine", "--data", str(data), "--out", str(out), "--model", "hashing", "--max-seq-length", "8"]) == 2

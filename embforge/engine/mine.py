@@ -303,7 +303,20 @@ def add_parser(subparsers) -> None:
     m.add_argument("--mode", choices=("replace", "append"), default=d.mode)
     m.add_argument("--shard-size", type=int, default=d.shard_size, help="queries per resumable shard")
     m.add_argument("--batch-size", type=int, default=d.batch_size)
+    m.add_argument("--max-seq-length", type=int, default=None,
+                   help="truncate texts to N tokens for mining (match the training's max lengths; faster)")
     m.set_defaults(func=cmd_mine)
+
+
+def _truncate(encoder, n: int):
+    if n < 2:
+        raise ValueError(f"--max-seq-length must be >= 2, got {n}")
+    if hasattr(encoder, "model") and hasattr(encoder.model, "max_seq_length"):       # sentence-transformers
+        encoder.model.max_seq_length = n
+    elif hasattr(encoder, "config") and hasattr(encoder.config, "doc_max_length"):   # embforge Embedder
+        encoder.config.query_max_length = encoder.config.doc_max_length = n
+    else:
+        raise ValueError(f"--max-seq-length: {type(encoder).__name__} has no max length to set")
 
 
 def cmd_mine(args) -> int:
@@ -315,6 +328,8 @@ def cmd_mine(args) -> int:
                          batch_size=args.batch_size)
         cfg.validate()
         encoder = load_encoder(args.model)
+        if args.max_seq_length:
+            _truncate(encoder, args.max_seq_length)
         report = mine(args.data, args.out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
     except (ValueError, FileNotFoundError) as e:
         print(f"embforge mine: error: {e}", file=sys.stderr)
