@@ -27,9 +27,12 @@ stage() {  # stage NAME CMD...: run, time, and record it
 echo "== 1/6 training data: real offline text, capped per source so no source dominates"
 stage data python -c "from embforge.engine.demo_data import build; print(build('$RUN/train.jsonl', cap_per_source=${CAP:-1200}), 'examples')"
 
-echo "== 2/6 mine: hard negatives (ranks 10-100, margin 0.95 x positive score) with all-MiniLM-L6-v2"
-stage mine embforge mine --data "$RUN/train.jsonl" --out "$RUN/train.mined.jsonl" --model minilm \
-  --ranks 10-100 --negatives 1 --margin 0.95 --max-seq-length 64
+# The demo mines with the lexical hashing encoder (17 s of CPU for 3.6k records); all-MiniLM-L6-v2 gives
+# semantic negatives but costs minutes on 2 cores: MINER=minilm (configs/cpu-quality.yaml's run uses it).
+MINER=${MINER:-hashing}
+echo "== 2/6 mine: hard negatives (ranks 10-100, margin 0.95 x positive score) with $MINER"
+stage mine embforge mine --data "$RUN/train.jsonl" --out "$RUN/train.mined.jsonl" --model "$MINER" \
+  --ranks 10-100 --negatives 1 --margin 0.95 $([ "$MINER" = hashing ] || echo --max-seq-length 64)
 
 echo "== 3/6 eval: untrained base and all-MiniLM-L6-v2 on the held-out sets"
 stage eval_base python -m embforge.engine.demo_report eval --model "base:$CONFIG" --out "$RUN/eval_base.json"
