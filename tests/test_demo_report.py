@@ -4,17 +4,35 @@ import json
 from embforge.engine.demo_report import report
 
 
+def _evals(tmp_path, **ndcg):
+    for label, (chat, gc, sts) in ndcg.items():
+        (tmp_path / f"eval_{label}.json").write_text(json.dumps(
+            {"chatterbot": {"ndcg_at_10": chat}, "gcide": {"ndcg_at_10": gc}, "gcide_sts": {"spearman": sts}}))
+
+
 def test_report_reads_the_run(tmp_path):
     (tmp_path / "train").mkdir()
-    (tmp_path / "stages.tsv").write_text("synth\t40\ntrain_and_eval\t450\n")
+    (tmp_path / "stages.tsv").write_text("synth\t40\ntrain\t450\n")
     steps = [{"step": i + 1, "loss": 5.0 - i, "seconds": 10.0 + i, "tokens_per_s": 100.0 + i, "chunks": 16}
              for i in range(4)]
     (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
-    (tmp_path / "train_result.json").write_text(json.dumps(
-        {"eval": {"before": {"ndcg_at_10": 0.0146, "mrr_at_10": 0.01},
-                  "after": {"ndcg_at_10": 0.2503, "mrr_at_10": 0.2}}}))
+    _evals(tmp_path, base=(0.0146, 0.02, 0.1), trained=(0.25, 0.22, 0.3), minilm=(0.5, 0.42, 0.6))
     text = report(tmp_path)
     assert "| **total** | **490** |" in text
-    assert "| ndcg_at_10 | 0.0146 | 0.2503 |" in text and "| mrr_at_10 | 0.0100 | 0.2000 |" in text
+    assert "| untrained base | trained | all-MiniLM-L6-v2 |" in text
+    assert "| chatterbot Q/A retrieval (ndcg@10) | 0.0146 | 0.2500 | 0.5000 |" in text
+    assert "| GCIDE sense-pair similarity (spearman) | 0.1000 | 0.3000 | 0.6000 |" in text
+    assert "gap closed on GCIDE retrieval: 50%" in text        # (0.22 - 0.02) / (0.42 - 0.02)
     assert "4.000 -> 3.000" in text                # mean of first 3 (5,4,3) and last 3 (4,3,2) losses
     assert "median step 12.0 s" in text and "16 GradCache chunks" in text
+
+
+def test_report_without_evals_says_so(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "stages.tsv").write_text("train\t5\n")
+    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    assert "side-by-side evaluation did not run" in report(tmp_path)
+    _evals(tmp_path, trained=(0.2, 0.1, 0.3))
+    text = report(tmp_path)
+    assert "| trained |" in text and "untrained base" not in text and "gap closed" not in text

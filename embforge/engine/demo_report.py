@@ -1,17 +1,28 @@
-"""The CPU demo's summary (markdown): machine, stage times, loss curve, before/after retrieval table.
+"""The CPU demo's evaluation and summary (markdown).
 
-`python -m embforge.engine.demo_report runs/demo` after scripts/demo.sh; everything printed is read from the run's
-own files (stages.tsv, train/metrics.jsonl, train_result.json), nothing is typed in.
+    python -m embforge.engine.demo_report eval --model {base:CONFIG.yaml | RUN/final | minilm} --label L --out F
+    python -m embforge.engine.demo_report report runs/demo
+
+`eval` scores one model on the held-out sets (none of them trained on): chatterbot Q/A retrieval, GCIDE word ->
+definition retrieval and GCIDE sense-pair similarity (embforge/eval/datasets.py). Our models get the instructions
+(as trained); all-MiniLM-L6-v2 gets plain text, its own usage. `report` reads only the run's files (stages.tsv,
+train/metrics.jsonl, eval_*.json): nothing is typed in.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_100", "map_at_100")
+SETS = (("chatterbot", "chatterbot Q/A retrieval", "ndcg_at_10"),
+        ("gcide", "GCIDE word -> definition retrieval", "ndcg_at_10"),
+        ("gcide_sts", "GCIDE sense-pair similarity", "spearman"))
+ORDER = ("base", "trained", "minilm")
 
 
 def _cpu_name() -> str:
@@ -24,6 +35,72 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def load_model(spec: str, overrides: list[str] = ()):
+    """`base:CONFIG.yaml` (the config's model, no adapter: the untrained base), `minilm`, or a model folder."""
+    from embforge.eval.encoders import load_encoder
+    if spec.startswith("base:"):
+        from embforge.config import load_config
+        from embforge.engine.model import Embedder
+        from embforge.engine.train import TrainConfig
+        cfg = load_config(TrainConfig, spec[len("base:"):], list(overrides))
+        emb = Embedder.from_config(dataclasses.replace(cfg.model, lora=None), "cpu")
+        emb.eval()
+        return emb
+    return load_encoder(spec, device="cpu")
+
+
+def evaluate_model(encoder, *, plain: bool, max_queries: int | None = None, gcide_queries: int = 300,
+                   gcide_docs: int = 1000, sts_pairs: int = 300) -> dict:
+    """{set: {metric: value, "seconds": s}}. `plain`: no instructions (for models not trained with them)."""
+    from embforge.eval.datasets import CHATTERBOT_INSTRUCTION, chatterbot_beir, gcide_beir, gcide_sts
+    from embforge.eval.retrieval import evaluate_retrieval
+    from embforge.eval.sts import evaluate_sts
+
+    out = {}
+    chat = chatterbot_beir()
+    gc = gcide_beir(n_queries=gcide_queries, n_distractors=gcide_docs - gcide_queries)
+    for name, ds, inst in (("chatterbot", chat, CHATTERBOT_INSTRUCTION), ("gcide", gc, None)):
+        if max_queries:
+            keep = sorted(ds.qrels)[:max_queries]
+            ds = dataclasses.replace(ds, qrels={q: ds.qrels[q] for q in keep})
+        if plain:
+            ds, inst = dataclasses.replace(ds, instructions={}), None
+        t0 = time.perf_counter()
+        m = evaluate_retrieval(encoder, ds, instruction=inst, progress=False)
+        out[name] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        out[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    # E5 applies the STS instruction to both sides; MiniLM gets the bare definitions.
+    sts = evaluate_sts(encoder, gcide_sts(n_pairs=sts_pairs),
+                       instruction=None if plain else "Retrieve semantically similar text")
+    out["gcide_sts"] = {**sts, "seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+def _side_by_side(run: Path) -> list[str]:
+    results = {}
+    for label in ORDER:
+        f = run / f"eval_{label}.json"
+        if f.exists():
+            results[label] = json.loads(f.read_text())
+    if not results:
+        return ["(no eval_*.json in the run folder: the side-by-side evaluation did not run)"]
+    labels = [lab for lab in ORDER if lab in results]
+    names = {"base": "untrained base", "trained": "trained", "minilm": "all-MiniLM-L6-v2"}
+    lines = ["| held-out set (metric) | " + " | ".join(names[lab] for lab in labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    for key, title, metric in SETS:
+        vals = [results[lab].get(key, {}).get(metric) for lab in labels]
+        lines.append(f"| {title} ({metric.replace('_at_', '@')}) | "
+                     + " | ".join("n/a" if v is None else f"{v:.4f}" for v in vals) + " |")
+    if {"base", "trained", "minilm"} <= set(results):
+        g = [results[lab]["gcide"]["ndcg_at_10"] for lab in ("base", "trained", "minilm")]
+        if g[2] > g[0]:
+            lines += ["", f"Share of the base -> MiniLM gap closed on GCIDE retrieval: "
+                          f"{(g[1] - g[0]) / (g[2] - g[0]):.0%}."]
+    return lines
+
+
 def report(run_dir: str | Path) -> str:
     import os
 
@@ -34,8 +111,6 @@ def report(run_dir: str | Path) -> str:
     run = Path(run_dir)
     stages = [line.split("\t") for line in (run / "stages.tsv").read_text().splitlines() if line.strip()]
     steps = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
-    result = json.loads((run / "train_result.json").read_text())
-    before, after = result["eval"].get("before", {}), result["eval"].get("after", {})
     losses = [s["loss"] for s in steps]
     k = min(3, len(losses))
     step_s = sorted(s["seconds"] for s in steps)
@@ -56,13 +131,40 @@ def report(run_dir: str | Path) -> str:
         "",
         "Loss per step: " + ", ".join(f"{x:.3f}" for x in losses),
         "",
-        "Chatterbot Q/A retrieval (English chatterbot-corpus, answers as the corpus), before and after training:",
+        "Held-out evaluation (none of these sets is trained on), side by side:",
         "",
-        "| metric | before | after |", "|---|---:|---:|",
-        *[f"| {m} | {before[m]:.4f} | {after[m]:.4f} |" for m in METRICS if m in before and m in after],
+        *_side_by_side(run),
     ]
     return "\n".join(lines) + "\n"
 
 
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embforge.engine.demo_report")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="score one model on the held-out sets")
+    e.add_argument("--model", required=True, help="base:CONFIG.yaml, a model folder, or minilm")
+    e.add_argument("--out", required=True)
+    e.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each set")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of a base:CONFIG (e.g. model.pooling=mean)")
+    e.add_argument("--small", action="store_true", help="smaller held-out sets (100 GCIDE words, 300 docs, "
+                                                        "100 pairs) for quick comparisons")
+    r = sub.add_parser("report", help="print the markdown summary of a demo run")
+    r.add_argument("run_dir", nargs="?", default="runs/demo")
+    args = p.parse_args(argv)
+    if args.cmd == "report":
+        sys.stdout.write(report(args.run_dir))
+        return 0
+    t0 = time.perf_counter()
+    sizes = dict(gcide_queries=100, gcide_docs=300, sts_pairs=100) if args.small else {}
+    res = evaluate_model(load_model(args.model, args.set), plain=args.model == "minilm",
+                         max_queries=args.max_queries, **sizes)
+    res["model"], res["seconds"] = args.model, round(time.perf_counter() - t0, 1)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: {m: v.get(m) for m in ("ndcg_at_10", "spearman") if m in v}
+                      for k, v in res.items() if isinstance(v, dict)}), file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.stdout.write(report(sys.argv[1] if len(sys.argv) > 1 else "runs/demo"))
+    sys.exit(main())

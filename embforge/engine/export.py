@@ -92,6 +92,20 @@ def eos_appending_tokenizer(tokenizer):
     return tok
 
 
+def _check_attention_for_st(cfg, auto_model):
+    """The folder must attend the way embforge trained: sentence-transformers loads the decoder with plain
+    transformers, which honours config.json's is_causal=false (5.23 does); probe the loaded model to be sure."""
+    if getattr(cfg, "attention", "causal") == "causal":
+        return
+    from embforge.engine.attention import check_bidirectional
+    try:
+        check_bidirectional(auto_model)
+    except RuntimeError as e:
+        raise ExportError("model.attention=bidirectional: the sentence-transformers folder would load with causal "
+                          "attention under this transformers version; use the embforge folder (embforge encode / "
+                          f"eval) or --merge instead ({e})") from e
+
+
 def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: str) -> Path:
     """A folder `SentenceTransformer(out_dir)` loads: `.encode_query(qs)` == `embforge encode --instruction`,
     `.encode_document(docs)` == `embforge encode` (checked here on probe texts, token for token)."""
@@ -122,6 +136,7 @@ def write_sentence_transformers(emb, merged, out_dir: str | Path, instruction: s
                   document_length=cfg.doc_max_length)
     transformer = Transformer(str(hf_dir), max_seq_length=max_len, **kw,
                               model_kwargs={"dtype": next(merged.parameters()).dtype, "attn_implementation": "sdpa"})
+    _check_attention_for_st(cfg, transformer.auto_model)
     pooling = Pooling(merged.config.hidden_size, pooling_mode="lasttoken" if cfg.pooling == "last" else "mean",
                       include_prompt=True)
     st = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu",

@@ -50,6 +50,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # always non-reentrant
     attn_implementation: str = "auto"   # auto: flash_attention_2 when flash-attn is importable (CUDA), else sdpa
     pooling: str = "last"               # last | mean
+    attention: str = "causal"           # causal | bidirectional (llama/mistral/qwen2; embforge/engine/attention.py)
     query_template: str = DEFAULT_QUERY_TEMPLATE
     query_max_length: int = 512         # tokens including the appended EOS
     doc_max_length: int = 512
@@ -59,6 +60,7 @@ class ModelConfig:
 
     def validate(self):
         choices = {"quantization": ("none", "nf4"), "pooling": ("last", "mean"),
+                   "attention": ("causal", "bidirectional"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"), "padding_side": ("left", "right"),
                    "attn_implementation": ("auto", "sdpa", "flash_attention_2", "eager")}
         for name, allowed in choices.items():
@@ -197,6 +199,10 @@ class Embedder(torch.nn.Module):
             model.to(device)
         else:
             _keep_bnb_cpu_weights_trainable(model)
+        if cfg.attention != "causal":
+            from embforge.engine.attention import check_bidirectional, set_attention
+            set_attention(model, cfg.attention)
+            check_bidirectional(model)
         if cfg.liger:
             from embforge.engine.liger import apply_liger
             apply_liger(model, device)

@@ -161,3 +161,78 @@ def synthetic_beir(path: str | Path, out_dir: str | Path | None = None, *, fract
     if out_dir is not None:
         write_beir(ds, out_dir)
     return ds
+
+
+# ------------------------------------------------------------------------------------------ GCIDE (held out)
+GCIDE_INSTRUCTION = "Given a word, retrieve its dictionary definition"
+
+
+def _gcide_split(seed: int):
+    """GCIDE words (not FOLDOC / Jargon terms, which the demo trains on), shuffled deterministically, and their
+    senses. Retrieval takes words from the front, STS from the back: the two sets never share a word."""
+    import random
+
+    from .dictd import foldoc_or_jargon_definitions, gcide_senses
+
+    senses = gcide_senses()
+    trained_terms = set()
+    for name in ("foldoc", "jargon"):
+        try:
+            trained_terms |= set(foldoc_or_jargon_definitions(name))
+        except FileNotFoundError:
+            pass
+    words = sorted(w for w in senses if w not in trained_terms)
+    random.Random(seed).shuffle(words)
+    return words, senses
+
+
+def gcide_beir(out_dir: str | Path | None = None, *, n_queries: int = 300, n_distractors: int = 700,
+               seed: int = 0, split: str = "test") -> BeirDataset:
+    """Word -> definition retrieval from GCIDE (Debian dict-gcide, GPL): each query is a word, its relevant
+    document its first numbered sense; other words' first senses fill the corpus. Never trained on."""
+    words, senses = _gcide_split(seed)
+    if len(words) < n_queries + n_distractors:
+        raise ValueError(f"GCIDE has only {len(words)} usable words, {n_queries + n_distractors} asked")
+    corpus, queries, qrels = {}, {}, {}
+    for i, w in enumerate(words[: n_queries + n_distractors]):
+        corpus[f"d{i}"] = senses[w][0]
+        if i < n_queries:
+            queries[f"q{i}"] = w
+            qrels[f"q{i}"] = {f"d{i}": 1}
+    ds = BeirDataset(corpus=corpus, queries=queries, qrels=qrels, name="gcide-word2def", split=split,
+                     instructions={q: GCIDE_INSTRUCTION for q in queries})
+    if out_dir is not None:
+        write_beir(ds, out_dir)
+    return ds
+
+
+def gcide_sts(out_path: str | Path | None = None, *, n_pairs: int = 300, seed: int = 0):
+    """Sentence-pair similarity from GCIDE: two senses of one word score 1, senses of two different words score 0
+    (half each). Graded by the dictionary's structure, not by people: it measures whether a model puts
+    definitions of the same word closer than definitions of unrelated words. Words disjoint from gcide_beir's."""
+    import random
+
+    from .sts import StsPairs
+
+    words, senses = _gcide_split(seed)
+    rng = random.Random(seed + 1)
+    pool = [w for w in reversed(words) if len(senses[w]) >= 2][: n_pairs * 2]
+    s1, s2, scores = [], [], []
+    for i in range(n_pairs):
+        w = pool[i]
+        if i % 2 == 0:
+            a, b = rng.sample(senses[w], 2)
+            score = 1.0
+        else:
+            other = pool[n_pairs + i]
+            a, b, score = rng.choice(senses[w]), rng.choice(senses[other]), 0.0
+        s1.append(a)
+        s2.append(b)
+        scores.append(score)
+    pairs = StsPairs(s1, s2, scores, name="gcide-senses")
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w", encoding="utf-8") as f:
+            for a, b, s in zip(s1, s2, scores):
+                f.write(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n")
+    return pairs

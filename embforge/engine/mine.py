@@ -1,0 +1,338 @@
+"""`embforge mine`: hard negatives for (instruction, query, positive[, negatives]) JSONL records.
+
+For each record: encode the query (with its instruction, as at training time), search the corpus exactly (our
+streaming top-k, embforge/eval/search.py), and keep candidates from a rank window after three filters:
+
+1. the positive itself (same text);
+2. exact or near duplicates of the positive (case/space-folded text equal, or word-set Jaccard >= `near_dup`);
+3. likely false negatives: candidate score >= `margin` x the positive's score (NV-Retriever's positive-aware
+   "TopK-PercPos" rule; a relative margin works across models whose score scales differ);
+
+then the rank window (1-based ranks in the raw retrieval list, `rank_start`..`rank_end` inclusive; the very top is
+skipped because it holds most unlabelled positives) and the first `negatives` survivors are written.
+
+Resumable: queries are processed in shards; corpus embeddings and finished shards are kept under `<out>.parts/`
+together with a fingerprint of the inputs and settings, so a rerun after an interruption skips finished work and a
+rerun with other inputs starts over. The output is written to a temporary file and renamed (atomic); input fields
+other than `negatives` are copied unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embforge.eval.datasets import read_synthetic
+from embforge.eval.search import search_chunks
+
+FILTERS = ("positive", "duplicate", "margin", "above_window")
+
+
+@dataclass
+class MineConfig:
+    rank_start: int = 10         # first rank (1-based) a negative may come from
+    rank_end: int = 100          # last rank considered (the search depth)
+    negatives: int = 7           # negatives written per record
+    margin: float = 0.95         # drop candidates scoring >= margin * positive score
+    near_dup: float = 0.9        # drop candidates whose word-set Jaccard with the positive is >= this
+    mode: str = "replace"        # replace | append (keep the record's own negatives first)
+    shard_size: int = 2048       # queries per resumable shard
+    corpus_shard: int = 8192     # documents per cached corpus-embedding shard
+    batch_size: int = 32
+
+    def validate(self):
+        if not 1 <= self.rank_start <= self.rank_end:
+            raise ValueError(f"rank window must satisfy 1 <= start <= end, got {self.rank_start}-{self.rank_end}")
+        if self.negatives < 1:
+            raise ValueError(f"negatives must be >= 1, got {self.negatives}")
+        if not 0.0 < self.margin:
+            raise ValueError(f"margin must be > 0, got {self.margin}")
+        if not 0.0 < self.near_dup <= 1.0:
+            raise ValueError(f"near_dup must lie in (0, 1], got {self.near_dup}")
+        if self.mode not in ("replace", "append"):
+            raise ValueError(f"mode must be replace or append, got {self.mode!r}")
+        for name in ("shard_size", "corpus_shard", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"\w+", text.lower()))
+
+
+def is_near_duplicate(a: str, b: str, threshold: float) -> bool:
+    """Exact after case/whitespace folding, or word-set Jaccard >= threshold."""
+    if _fold(a) == _fold(b):
+        return True
+    wa, wb = _words(a), _words(b)
+    if not wa or not wb:
+        return False
+    return len(wa & wb) / len(wa | wb) >= threshold
+
+
+def read_corpus(path: str | Path | None, records: list[tuple[int, dict]]) -> list[str]:
+    """Corpus texts: a BEIR folder or corpus JSONL (`_id`, `text`, optional `title`), a JSONL of {"text"}, or
+    (path None) the records' own positives and negatives, deduplicated in first-seen order."""
+    if path is None:
+        seen: dict[str, None] = {}
+        for _, rec in records:
+            for text in [rec["positive"], *rec["negatives"]]:
+                seen.setdefault(text, None)
+        return list(seen)
+    path = Path(path)
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: corpus file not found")
+    texts, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{line_no}: field 'text' must be a string")
+            title = row.get("title")
+            text = f"{title} {row['text']}".strip() if isinstance(title, str) and title else row["text"]
+            if text.strip() and text not in seen:   # duplicates would fill the window with one text
+                seen.add(text)
+                texts.append(text)
+    if not texts:
+        raise ValueError(f"{path}: corpus is empty")
+    return texts
+
+
+def select_negatives(positive: str, pos_score: float, cand_texts: list[str], cand_scores: list[float],
+                     cfg: MineConfig, counts: dict[str, int]) -> list[str]:
+    """Apply the filters to one query's ranked candidates (best first); `counts` gains what each filter removed."""
+    kept = []
+    for rank, (text, score) in enumerate(zip(cand_texts, cand_scores), 1):
+        counts["retrieved"] += 1
+        if text == positive:
+            counts["positive"] += 1
+        elif is_near_duplicate(text, positive, cfg.near_dup):
+            counts["duplicate"] += 1
+        elif score >= cfg.margin * pos_score:
+            counts["margin"] += 1
+        elif rank < cfg.rank_start:
+            counts["above_window"] += 1
+        elif len(kept) >= cfg.negatives:
+            counts["surplus"] += 1
+        else:
+            kept.append(text)
+    return kept
+
+
+def _encode_queries(encoder, recs: list[dict], batch_size: int) -> torch.Tensor:
+    """Queries grouped by instruction: one encode call per distinct instruction."""
+    groups: dict[str | None, list[int]] = {}
+    for i, rec in enumerate(recs):
+        groups.setdefault(rec.get("instruction") or None, []).append(i)
+    out = None
+    for inst, rows in groups.items():
+        emb = encoder.encode([recs[i]["query"] for i in rows], instruction=inst, batch_size=batch_size)
+        out = emb.new_empty((len(recs), emb.shape[1])) if out is None else out
+        out[rows] = emb.float()
+    return out
+
+
+def _positive_embeddings(encoder, recs: list[dict], row_of: dict[str, int], corpus_files: list[Path],
+                         cfg: MineConfig) -> torch.Tensor:
+    """Positives' document embeddings: read back from the cached corpus when the text is there (the default
+    corpus holds every positive), encoded otherwise."""
+    rows = [row_of.get(r["positive"]) for r in recs]
+    missing = [i for i, row in enumerate(rows) if row is None]
+    out = None
+    if missing:
+        emb = encoder.encode([recs[i]["positive"] for i in missing], instruction=None, batch_size=cfg.batch_size)
+        out = emb.new_zeros((len(recs), emb.shape[1])).float()
+        out[missing] = emb.float()
+    for s, f in enumerate(corpus_files):
+        lo, hi = s * cfg.corpus_shard, (s + 1) * cfg.corpus_shard
+        want = [(i, row - lo) for i, row in enumerate(rows) if row is not None and lo <= row < hi]
+        if want:
+            shard = torch.load(f)
+            out = shard.new_zeros((len(recs), shard.shape[1])) if out is None else out
+            out[[i for i, _ in want]] = shard[[r for _, r in want]]
+    return out
+
+
+def _fingerprint(data: Path, corpus: str | None, model: str, cfg: MineConfig) -> str:
+    parts = [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns), str(corpus),
+             str(model), json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
+    if corpus and Path(corpus).exists():
+        c = Path(corpus) / "corpus.jsonl" if Path(corpus).is_dir() else Path(corpus)
+        parts += [str(c.stat().st_size), str(c.stat().st_mtime_ns)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | None = None,
+         cfg: MineConfig | None = None, model_name: str = "encoder", progress: bool = True,
+         stop_after_shards: int | None = None) -> dict:
+    """Mine negatives for every record of `data` into `out`; returns the report (also written to
+    `<out>.report.json`). `encoder.encode(texts, instruction=None, batch_size=...)` gives normalized rows.
+    `stop_after_shards` simulates an interruption (tests)."""
+    from tqdm import tqdm
+
+    cfg = cfg or MineConfig()
+    cfg.validate()
+    data, out = Path(data), Path(out)
+    records = read_synthetic(data)   # validates query / positive / negatives with file:line errors
+    if not records:
+        raise ValueError(f"{data}: no records")
+    texts = read_corpus(corpus, records)
+    parts = out.with_name(out.name + ".parts")
+    fp = _fingerprint(data, None if corpus is None else str(corpus), model_name, cfg)
+    state_file = parts / "state.json"
+    if state_file.exists() and json.loads(state_file.read_text()).get("fingerprint") != fp:
+        print(f"[mine] {parts}: left by a run with other inputs or settings; starting over", file=sys.stderr)
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    _atomic_write(state_file, json.dumps({"fingerprint": fp, "data": str(data), "corpus": str(corpus),
+                                          "model": model_name, "config": dataclasses.asdict(cfg)}))
+
+    # Corpus embeddings, cached per shard (the expensive part on a large corpus).
+    corpus_files = []
+    bar = tqdm(total=len(texts), desc="mine: encode corpus", unit="doc", file=sys.stderr, disable=not progress)
+    for i, start in enumerate(range(0, len(texts), cfg.corpus_shard)):
+        f = parts / f"corpus-{i:05d}.pt"
+        chunk = texts[start:start + cfg.corpus_shard]
+        if not f.exists():
+            pieces = []
+            for j in range(0, len(chunk), 512):   # small encode calls: the progress bar moves
+                pieces.append(encoder.encode(chunk[j:j + 512], instruction=None, batch_size=cfg.batch_size).float())
+                bar.update(len(pieces[-1]))
+            torch.save(torch.cat(pieces), f.with_name(f.name + ".tmp"))
+            os.replace(f.with_name(f.name + ".tmp"), f)
+        else:
+            bar.update(len(chunk))
+        corpus_files.append(f)
+    bar.close()
+
+    depth = min(cfg.rank_end, len(texts))
+    row_of = {t: i for i, t in enumerate(texts)}
+    n_shards = (len(records) + cfg.shard_size - 1) // cfg.shard_size
+    bar = tqdm(total=len(records), desc="mine: queries", unit="query", file=sys.stderr, disable=not progress)
+    for s in range(n_shards):
+        shard = records[s * cfg.shard_size:(s + 1) * cfg.shard_size]
+        f = parts / f"shard-{s:05d}.json"
+        if not f.exists():
+            if stop_after_shards is not None and s >= stop_after_shards:
+                bar.close()
+                return {"stopped_after_shards": s}
+            recs = [r for _, r in shard]
+            q = _encode_queries(encoder, recs, cfg.batch_size)
+            pos_scores = (q * _positive_embeddings(encoder, recs, row_of, corpus_files, cfg)).sum(-1).tolist()
+            scores, idx = search_chunks(q, (torch.load(c) for c in corpus_files), depth)
+            counts = dict.fromkeys(("retrieved", *FILTERS, "surplus"), 0)
+            negs = [select_negatives(r["positive"], ps, [texts[j] for j in irow], srow, cfg, counts)
+                    for r, ps, srow, irow in zip(recs, pos_scores, scores.tolist(), idx.tolist())]
+            _atomic_write(f, json.dumps({"negatives": negs, "counts": counts,
+                                         "short": sum(len(n) < cfg.negatives for n in negs)}))
+        bar.update(len(shard))
+    bar.close()
+
+    # Assemble: every record with its mined negatives, then one rename.
+    report = {"records": len(records), "corpus": len(texts), "rank_window": [cfg.rank_start, cfg.rank_end],
+              "margin": cfg.margin, "near_dup": cfg.near_dup, "model": model_name,
+              "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0}
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fo:
+        for s in range(n_shards):
+            shard_out = json.loads((parts / f"shard-{s:05d}.json").read_text())
+            for k, v in shard_out["counts"].items():
+                if k in FILTERS:
+                    report["removed"][k] += v
+                else:
+                    report[k] += v
+            report["short"] += shard_out["short"]
+            for (_, rec), mined in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size],
+                                       shard_out["negatives"]):
+                negs = mined if cfg.mode == "replace" else list(dict.fromkeys([*rec["negatives"], *mined]))
+                report["written"] += len(negs)
+                fo.write(json.dumps({**rec, "negatives": negs}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    _atomic_write(out.with_name(out.name + ".report.json"), json.dumps(report, indent=2))
+    shutil.rmtree(parts)
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"mined {r['records']} records against {r['corpus']} documents (ranks {r['rank_window'][0]}-"
+             f"{r['rank_window'][1]}, margin {r['margin']}, near-dup Jaccard {r['near_dup']})",
+             f"  candidates retrieved: {r['retrieved']}"]
+    lines += [f"  removed by {name}: {n}" for name, n in r["removed"].items()]
+    lines += [f"  beyond the per-record count: {r['surplus']}",
+              f"  negatives written: {r['written']} ({r['short']} records got fewer than asked)"]
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    m = subparsers.add_parser("mine", help="mine hard negatives for training JSONL (rank window + margin filter)")
+    m.add_argument("--data", required=True, help="JSONL of {instruction, query, positive[, negatives]}")
+    m.add_argument("--out", required=True, help="output JSONL (may equal --data: written atomically)")
+    m.add_argument("--model", required=True,
+                   help="an embforge model folder, a sentence-transformers folder, 'minilm' or 'hashing'")
+    m.add_argument("--corpus", default=None, help="BEIR folder or corpus JSONL (default: the data's own texts)")
+    d = MineConfig()
+    m.add_argument("--ranks", default=f"{d.rank_start}-{d.rank_end}", help="rank window START-END (1-based)")
+    m.add_argument("--negatives", type=int, default=d.negatives, help="negatives per record")
+    m.add_argument("--margin", type=float, default=d.margin, help="drop candidates >= MARGIN x positive score")
+    m.add_argument("--near-dup", type=float, default=d.near_dup, help="word Jaccard that counts as a duplicate")
+    m.add_argument("--mode", choices=("replace", "append"), default=d.mode)
+    m.add_argument("--shard-size", type=int, default=d.shard_size, help="queries per resumable shard")
+    m.add_argument("--batch-size", type=int, default=d.batch_size)
+    m.add_argument("--max-seq-length", type=int, default=None,
+                   help="truncate texts to N tokens for mining (match the training's max lengths; faster)")
+    m.set_defaults(func=cmd_mine)
+
+
+def _truncate(encoder, n: int):
+    if n < 2:
+        raise ValueError(f"--max-seq-length must be >= 2, got {n}")
+    if hasattr(encoder, "model") and hasattr(encoder.model, "max_seq_length"):       # sentence-transformers
+        encoder.model.max_seq_length = n
+    elif hasattr(encoder, "config") and hasattr(encoder.config, "doc_max_length"):   # embforge Embedder
+        encoder.config.query_max_length = encoder.config.doc_max_length = n
+    else:
+        raise ValueError(f"--max-seq-length: {type(encoder).__name__} has no max length to set")
+
+
+def cmd_mine(args) -> int:
+    from embforge.eval.encoders import load_encoder
+    try:
+        start, _, end = args.ranks.partition("-")
+        cfg = MineConfig(rank_start=int(start), rank_end=int(end or start), negatives=args.negatives,
+                         margin=args.margin, near_dup=args.near_dup, mode=args.mode, shard_size=args.shard_size,
+                         batch_size=args.batch_size)
+        cfg.validate()
+        encoder = load_encoder(args.model)
+        if args.max_seq_length:
+            _truncate(encoder, args.max_seq_length)
+        report = mine(args.data, args.out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"embforge mine: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report), file=sys.stderr)
+    return 0
