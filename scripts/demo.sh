@@ -8,11 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Debian dictionaries (docs/data.md): FOLDOC and the Jargon File train, GCIDE is held out. Never dict-wn (WordNet).
-if [ ! -f /usr/share/dictd/gcide.index ] || [ ! -f /usr/share/dictd/foldoc.index ] || [ ! -f /usr/share/dictd/jargon.index ]; then
-  echo "[demo] installing dict-gcide dict-foldoc dict-jargon (Debian)" >&2
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends dict-gcide dict-foldoc dict-jargon >/dev/null
-fi
+# (setup.sh also installs the Debian dictionaries the data and held-out sets come from: docs/data.md)
 CONFIG=${CONFIG:-configs/cpu-demo.yaml}
 RUN=${RUN:-runs/demo}
 rm -rf "$RUN/train" "$RUN/export" "$RUN"/eval_*.json
