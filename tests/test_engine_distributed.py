@@ -22,6 +22,7 @@ from embforge.engine.gradcache import ContrastiveBatch, contrastive_step, make_c
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 48          # small: several GradCache chunks per rank (pass 2 replays pass 1)
+MIXED_CHUNK = 140   # between the ranks' token counts at world size 2 (see mixed_one_and_two_chunks)
 
 
 def free_port() -> int:
@@ -46,6 +47,9 @@ def global_batch() -> ContrastiveBatch:
 
 CASES = {  # name: (step kwargs, dropout p)
     "negatives_chunked": (dict(chunk_tokens=CHUNK), 0.0),
+    # rank 0's slice fits one chunk, the last rank's needs two: ranks take different paths through the step (the
+    # second step of a DDP run, when it rebuilds its buckets, once deadlocked on exactly this)
+    "mixed_one_and_two_chunks": (dict(chunk_tokens=MIXED_CHUNK), 0.0),
     "same_tower_matryoshka_one_chunk": (dict(chunk_tokens=1 << 14, same_tower=True, matryoshka_dims=[16, 64],
                                              matryoshka_weights=[0.5, 1.0]), 0.0),
     "dropout_same_tower_chunked": (dict(chunk_tokens=CHUNK, same_tower=True, matryoshka_dims=[32, 64]), 0.1),
@@ -89,7 +93,7 @@ def _step_worker(rank, world_size, port, out_dir, strategy, cases, model_kw):
         _set_dropout(emb, p)
         torch.manual_seed(rank_seed(0, rank))
         res = contrastive_step(wrapped, shard_batch(global_batch(), dist_), dist=dist_, **kw)
-        results[name] = {"loss": res.loss, "grads": _grads(emb)}
+        results[name] = {"loss": res.loss, "grads": _grads(emb), "chunks": dist_.gather_objects(res.n_chunks)}
         for q in emb.trainable_parameters():
             q.grad = None
     if rank == 0:
@@ -158,6 +162,8 @@ def test_ddp_step_equals_one_process(tmp_path, world_size):
             want_loss, want = reference(name, world_size)
         assert abs(got[name]["loss"] - want_loss) < 1e-5 * abs(want_loss), name
         assert_close(got[name]["grads"], want)
+    if "mixed_one_and_two_chunks" in cases:
+        assert got["mixed_one_and_two_chunks"]["chunks"] == [1, 2]   # the ranks really took different paths
 
 
 @pytest.mark.slow

@@ -203,6 +203,10 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     seqs = q_seqs + d_seqs
     B = len(q_seqs)
     if chunk_tokens == "auto":
+        if dist is not None and dist.active:
+            # The probe's backward would run through the DDP/FSDP engine, out of step with the other ranks.
+            raise ValueError("chunk_tokens='auto' with dist: resolve it with auto_chunk_tokens(plain embedder) "
+                             "before wrapping (train does)")
         chunk_tokens = auto_chunk_tokens(embedder)
     elif isinstance(chunk_tokens, str):
         raise ValueError(f"chunk_tokens must be an int or 'auto', got {chunk_tokens!r}")
@@ -224,7 +228,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     result = StepResult(0.0, len(chunks), real, computed, int(chunk_tokens), packed=packed)
     index = [torch.tensor(c, device=dev) for c in chunks]
 
-    if len(chunks) == 1:
+    if _one_pass(chunks, dist):
         # Everything fits at once: a plain forward with grad, nothing cached, no second pass.
         emb = embedder.embed_chunk([seqs[i] for i in chunks[0]])
         reps = torch.empty_like(emb).index_copy(0, index[0], emb)   # back to batch order, differentiably
@@ -319,6 +323,15 @@ def _equal_chunk_count(chunks: list[list[int]], embedder, dist) -> list[list[int
         return chunks
     most = int(dist.max(float(len(chunks))))
     return chunks + [[] for _ in range(most - len(chunks))]
+
+
+def _one_pass(chunks: list[list[int]], dist) -> bool:
+    """One chunk: a single forward with grad. On N ranks only if EVERY rank has one chunk: the one-pass and two-pass
+    paths issue their collectives in a different order (DDP's bucket rebuild in the first grad forward vs the
+    embedding all-gather after pass 1), so ranks on different paths would deadlock."""
+    if dist is None or not dist.active:
+        return len(chunks) == 1
+    return dist.max(float(len(chunks))) == 1
 
 
 def _dummy_forward(embedder) -> torch.Tensor:
