@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from embforge.eval.beir import _read_jsonl
 from embforge.eval.datasets import read_synthetic
 from embforge.eval.search import search_chunks
 
@@ -97,21 +98,14 @@ def read_corpus(path: str | Path | None, records: list[tuple[int, dict]]) -> lis
     if not path.is_file():
         raise FileNotFoundError(f"{path}: corpus file not found")
     texts, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"{path}:{line_no}: field 'text' must be a string")
-            title = row.get("title")
-            text = f"{title} {row['text']}".strip() if isinstance(title, str) and title else row["text"]
-            if text.strip() and text not in seen:   # duplicates would fill the window with one text
-                seen.add(text)
-                texts.append(text)
+    for line_no, row in _read_jsonl(path):   # BEIR's reader: file:line errors for bad JSON / non-objects
+        if not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{line_no}: field 'text' must be a string")
+        title = row.get("title")
+        text = f"{title} {row['text']}".strip() if isinstance(title, str) and title else row["text"]
+        if text.strip() and text not in seen:   # duplicates would fill the window with one text
+            seen.add(text)
+            texts.append(text)
     if not texts:
         raise ValueError(f"{path}: corpus is empty")
     return texts
