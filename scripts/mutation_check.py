@@ -77,8 +77,8 @@ MUTATIONS = [
     Mutation("unknown-ids-mask", KERNEL, "false_neg = (cid >= 0) & (", "false_neg = (cid >= -1) & (",
              KERNEL_TESTS, 2, "Triton kernel: id -1 (unknown) masks like a real id"),
     # --- same tower ------------------------------------------------------------------------------------------
-    Mutation("same-tower-copy-detached", KERNEL, "candidates = torch.cat([d, q.to(d.dtype)], dim=0)",
-             "candidates = torch.cat([d, q.detach().to(d.dtype)], dim=0)", KERNEL_TESTS, 1,
+    Mutation("same-tower-copy-detached", KERNEL, "candidates = torch.cat([d, tq.to(d.dtype)], dim=0)",
+             "candidates = torch.cat([d, tq.detach().to(d.dtype)], dim=0)", KERNEL_TESTS, 1,
              "no gradient through the queries-as-candidates copy"),
     Mutation("torch-self-column-kept", KERNEL, "            drop[rows, self_col] = True", "            pass",
              KERNEL_TESTS, 1, "torch epilogue: a query competes with its own copy"),
@@ -88,7 +88,8 @@ MUTATIONS = [
     Mutation("matryoshka-skip-full-dim", KERNEL, "        part = _single_dim_loss(q[:, : int(m_dim)]",
              "        if int(m_dim) == H:\n            continue\n        part = _single_dim_loss(q[:, : int(m_dim)]",
              KERNEL_TESTS, 1, "the full-dimension Matryoshka term is skipped"),
-    Mutation("matryoshka-weights-ignored", KERNEL, "temperature, **kw) * float(w)", "temperature, **kw)",
+    Mutation("matryoshka-weights-ignored", KERNEL, "tower_queries=tq, **kw) \\\n            * float(w)",
+             "tower_queries=tq, **kw)",
              KERNEL_TESTS, 1, "Matryoshka weights ignored"),
     # --- temperature -------------------------------------------------------------------------------------------
     Mutation("inv-tau-squared", KERNEL, "_infonce_chunked(q, d, 1.0 / tau,", "_infonce_chunked(q, d, 1.0 / tau ** 2,",
