@@ -99,6 +99,41 @@ def test_lora_targets_are_checked_against_the_model():
         Embedder.from_config(ModelConfig(path="tiny-mistral", lora=LoraConfig(targets=["q_proj", "w1"])), "cpu")
 
 
+def _adapted_layers(e):
+    return {n.split(".lora_A")[0].split(".")[-3] for n, _ in e.model.named_parameters() if "lora_A" in n}
+
+
+@pytest.mark.parametrize("layers,expected", [("top:1", {"1"}), ([0], {"0"}), ([1, 0, 1], {"0", "1"}), (None, {"0", "1"})])
+def test_lora_layers_choose_which_decoder_layers_get_adapters(tmp_path, layers, expected):
+    e = Embedder.from_config(ModelConfig(path="tiny-llama", lora=LoraConfig(layers=layers, dropout=0.0)), "cpu")
+    assert _adapted_layers(e) == expected
+    randomize_lora(e, seed=1)
+    e.save_pretrained(tmp_path / "m")                       # peft records the layers: the reload adapts the same
+    loaded = Embedder.from_pretrained(tmp_path / "m", device="cpu")
+    assert _adapted_layers(loaded) == expected
+    texts = ["a tiny test", "of which layers adapt"]
+    assert torch.allclose(loaded.encode(texts), e.encode(texts), atol=1e-5)
+
+
+def test_lora_on_top_layers_trains_only_those_layers():
+    """The point of top:N: no adapter below, so the frozen lower layers get no gradient work at all."""
+    e = Embedder.from_config(ModelConfig(path="tiny-llama", lora=LoraConfig(layers="top:1", dropout=0.0)), "cpu")
+    randomize_lora(e, seed=2)
+    batch = ContrastiveBatch(["q one", "q two"], [None, None], ["doc one", "doc two"])
+    contrastive_step(e, batch, chunk_tokens=64)
+    grads = {n: p.grad for n, p in e.model.named_parameters() if p.requires_grad}
+    assert grads and all(".layers.1." in n for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("layers,match", [("top:3", "more layers than this model has"),
+                                          ([2], r"\[2\] out of range"), ("bottom:1", "'top:N'"),
+                                          ("top:0", "'top:N'"), ([], "layer indices"), ([-1], "layer indices")])
+def test_bad_lora_layers_name_the_field(layers, match):
+    with pytest.raises(ValueError, match=f"model.lora.layers(.|\n)*{match}"):
+        Embedder.from_config(ModelConfig(path="tiny-llama", lora=LoraConfig(layers=layers)), "cpu")
+
+
 def test_gradient_checkpointing_is_non_reentrant_without_input_grads():
     e = Embedder.from_config(ModelConfig(path="tiny-llama", gradient_checkpointing=True), "cpu")
     base = e.model.base_model.model

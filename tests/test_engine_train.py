@@ -256,3 +256,12 @@ def test_save_checkpoint_keeps_the_last_two_in_step_order(tmp_path):
         log_tau.zero_()
     state = load_checkpoint(tmp_path / "checkpoints" / "step-001000", emb, opt, sched, log_tau)
     assert state["step"] == 1000 and float(model.weight[0, 0]) == 1000 and float(log_tau) == -1.0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    """A typo in a shipped recipe (an unknown key, a bad value) fails here, not minutes into someone's run."""
+    cfg = load_config(TrainConfig, path)
+    cfg.validate()
+    cfg.model.validate()

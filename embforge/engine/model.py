@@ -28,6 +28,11 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     targets: list[str] | str = "auto"   # "auto": every attention and MLP projection of the model's family
+    # Which decoder layers get adapters: null = all, a list of indices, or "top:N" (the last N). Adapting only the
+    # top layers stops the backward pass there (SmolLM2's top 15 of 30: a CPU demo step ~1.5x faster), but with
+    # bidirectional attention the unadapted lower layers cannot adjust to it: the demo then barely learned
+    # (bench/results/demo_cpu.md). A lever for causal models and for speed studies, not the default.
+    layers: list[int] | str | None = None
 
     def validate(self):
         if self.r < 1:
@@ -38,6 +43,29 @@ class LoraConfig:
             raise ValueError(f"model.lora.dropout must lie in [0, 1), got {self.dropout}")
         if isinstance(self.targets, str) and self.targets != "auto":
             raise ValueError(f"model.lora.targets must be 'auto' or a list of module names, got {self.targets!r}")
+        if isinstance(self.layers, str):
+            n = self.layers[len("top:"):] if self.layers.startswith("top:") else ""
+            if not (n.isdigit() and int(n) >= 1):
+                raise ValueError(f"model.lora.layers must be null, a list of layer indices or 'top:N' (N >= 1), "
+                                 f"got {self.layers!r}")
+        elif isinstance(self.layers, list) and (not self.layers or any(i < 0 for i in self.layers)):
+            raise ValueError(f"model.lora.layers: a list must hold layer indices >= 0, got {self.layers!r}")
+
+
+def lora_layers(model, requested) -> list[int] | None:
+    """The decoder layer indices that get adapters (None: all), checked against the model's depth."""
+    if requested is None:
+        return None
+    depth = model.config.num_hidden_layers
+    if isinstance(requested, str):   # "top:N", validated
+        n = int(requested[len("top:"):])
+        if n > depth:
+            raise ValueError(f"model.lora.layers: {requested!r} asks for more layers than this model has ({depth})")
+        return list(range(depth - n, depth))
+    bad = [i for i in requested if i >= depth]
+    if bad:
+        raise ValueError(f"model.lora.layers: {bad} out of range: this model has layers 0..{depth - 1}")
+    return sorted(set(requested))
 
 
 @dataclass
@@ -228,9 +256,12 @@ class Embedder(torch.nn.Module):
         from peft import get_peft_model
 
         targets = lora_targets(model, cfg.lora.targets)
+        layers = lora_layers(model, cfg.lora.layers)
+        # layers_pattern "layers": the decoder stack of every family we support is <model>.layers.
+        where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
         peft_model = get_peft_model(model, PeftLoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
-            bias="none"))
+            bias="none", **where))
         if cfg.gradient_checkpointing:
             model.disable_input_require_grads()   # peft hooks the input again (see _checkpointing)
         return peft_model
