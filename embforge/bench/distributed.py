@@ -50,8 +50,7 @@ def _worker(rank, world_size, port, out, batch, strategy):
     emb = _embedder()
     res = contrastive_step(wrap(emb, dist_, strategy), shard_batch(batch, dist_), dist=dist_, **STEP)
     grads = _grads(emb)
-    if rank == 0:
-        torch.save({"loss": res.loss, "grads": grads}, out)
+    dist_.on_main(torch.save, {"loss": res.loss, "grads": grads}, out)
     dist_.shutdown()
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def cmd_train(args) -> int:
         return 2
     finally:
         _leave_process_group()
-    if "RANK" not in os.environ or os.environ["RANK"] == "0":   # one voice
+    if result["main"]:   # one voice: Dist.is_main, as train decided it
         print(json.dumps({"final_loss": result["losses"][-1], "steps": len(result["losses"]),
                           "eval": result["eval"]}, indent=2))
     return 0

@@ -1,6 +1,6 @@
 """The CPU demo's evaluation and summary (markdown).
 
-    python -m embforge.engine.demo_report eval --model {base:CONFIG.yaml | RUN/final | minilm} --label L --out F
+    python -m embforge.engine.demo_report eval --model {base:CONFIG.yaml | RUN/final | minilm} --out F [--set K=V] [--small]
     python -m embforge.engine.demo_report report runs/demo
 
 `eval` scores one model on the held-out sets (none of them trained on): chatterbot Q/A retrieval, GCIDE word ->
@@ -101,6 +101,17 @@ def _side_by_side(run: Path) -> list[str]:
     return lines
 
 
+def _dirty() -> str:
+    """' + uncommitted changes' when tracked files differ from HEAD: the commit alone would not reproduce the run."""
+    import subprocess
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return " + uncommitted changes" if out.returncode == 0 and out.stdout.strip() else ""
+
+
 def report(run_dir: str | Path) -> str:
     import os
 
@@ -118,7 +129,7 @@ def report(run_dir: str | Path) -> str:
         f"# CPU demo ({datetime.now(timezone.utc):%Y-%m-%d})",
         "",
         f"Machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, Python "
-        f"{platform.python_version()}; commit {git_commit() or 'unknown'}.",
+        f"{platform.python_version()}; commit {git_commit() or 'unknown'}{_dirty()}.",
         "",
         "| stage | seconds |", "|---|---:|",
         *[f"| {name} | {sec} |" for name, sec in stages],

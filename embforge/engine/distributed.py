@@ -69,9 +69,13 @@ class Dist:
         """The one voice: rank 0 alone logs, evaluates, draws progress, writes metrics and checkpoints."""
         return self.rank == 0
 
+    def on_main(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on rank 0 alone (eval, metrics, progress bar, checkpoint and model files); the other
+        ranks get None and go straight on to the next collective, where they wait for rank 0."""
+        return fn(*args, **kwargs) if self.is_main else None
+
     def log(self, msg: str):
-        if self.is_main:
-            print(msg, file=sys.stderr)
+        self.on_main(print, msg, file=sys.stderr)
 
     def barrier(self):
         if self.active:

@@ -204,8 +204,9 @@ def _restore_rng(state: dict, dist_, cfg: TrainConfig, step: int):
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run training; returns {"losses": [...], "eval": {...}}. `stop_after` simulates an interruption (tests).
-    Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
+    """Run training; returns {"losses": [...], "eval": {...}, "main": whether this process is the one that speaks}.
+    `stop_after` simulates an interruption (tests). Under torchrun this runs on every rank (see distributed.py); one
+    process otherwise."""
     dist_, device = init_distributed(cfg.distributed, cfg.device)
     if dist_.active:
         check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
@@ -257,9 +258,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     elif resume:
         dist_.log(f"[train] --resume: no checkpoint in {out}, starting fresh")
 
-    if cfg.eval.data and cfg.eval.before_training and start_step == 0 and dist_.is_main:
-        evals["before"] = evaluate(embedder, cfg.eval, out, 0)
-        embedder.model.train()
+    def run_eval(key: str, step: int):    # rank 0 alone (Dist.on_main); the others wait in the next collective
+        def run():
+            evals[key] = evaluate(embedder, cfg.eval, out, step)
+            embedder.model.train()
+        dist_.on_main(run)
+
+    if cfg.eval.data and cfg.eval.before_training and start_step == 0:
+        run_eval("before", 0)
 
     stop = {"flag": False}
 
@@ -270,16 +276,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
 
     def checkpoint(step):
         rng = dist_.gather_objects(_rng_states())     # every rank's generators (a collective: all ranks call)
-        if dist_.is_main:
-            save_checkpoint(out, step, embedder, optimizer, scheduler, log_tau,
-                            {"step": step, "position": position, "losses": losses, "rng": rng[0], "rng_ranks": rng,
-                             "world_size": dist_.world_size, "evals": evals, "config": dataclasses.asdict(cfg)})
+        dist_.on_main(save_checkpoint, out, step, embedder, optimizer, scheduler, log_tau,
+                      {"step": step, "position": position, "losses": losses, "rng": rng[0], "rng_ranks": rng,
+                       "world_size": dist_.world_size, "evals": evals, "config": dataclasses.asdict(cfg)})
         dist_.barrier()                               # nobody runs ahead of a checkpoint still being written
 
     bar = None
-    if progress and dist_.is_main:
+    if progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", file=sys.stderr)
+        bar = dist_.on_main(tqdm, total=cfg.steps, initial=start_step, desc="train", unit="step", file=sys.stderr)
     try:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -313,34 +318,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
                 rec["world_size"] = dist_.world_size
             if log_tau is not None:
                 rec["temperature"] = float(log_tau.exp())
-            if dist_.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            dist_.on_main(_append_jsonl, metrics_path, rec)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 chunks=res.n_chunks, mem=f"{peak:.1f}G")
             done = step + 1
-            if cfg.eval.data and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps \
-                    and dist_.is_main:
-                evals[f"step{done}"] = evaluate(embedder, cfg.eval, out, done)
-                embedder.model.train()
+            if cfg.eval.data and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
+                run_eval(f"step{done}", done)
             interrupted = stop["flag"] or (stop_after is not None and done == stop_after)
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not fsdp) or (interrupted and not fsdp):
                 checkpoint(done)
             if interrupted:
-                return {"losses": losses, "eval": evals, "stopped_at": done}
-        if cfg.eval.data and dist_.is_main:
-            evals["after"] = evaluate(embedder, cfg.eval, out, cfg.steps)
+                return {"losses": losses, "eval": evals, "stopped_at": done, "main": dist_.is_main}
+        if cfg.eval.data:
+            run_eval("after", cfg.steps)
         if not fsdp:
             checkpoint(cfg.steps)
         _save_final(embedder, out / "final", dist_)
-        return {"losses": losses, "eval": evals, "embedder": embedder}
+        return {"losses": losses, "eval": evals, "embedder": embedder, "main": dist_.is_main}
     finally:
         if bar:
             bar.close()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _append_jsonl(path: Path, rec: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def _save_final(embedder, path: Path, dist_):
@@ -349,6 +355,5 @@ def _save_final(embedder, path: Path, dist_):
     state = None
     if sharded:
         state = {n: full_tensor(p.detach()).cpu() for n, p in embedder.model.named_parameters() if p.requires_grad}
-    if dist_.is_main:
-        embedder.save_pretrained(path, adapter_state_dict=state)
+    dist_.on_main(embedder.save_pretrained, path, adapter_state_dict=state)
     dist_.barrier()
