@@ -101,23 +101,12 @@ def _side_by_side(run: Path) -> list[str]:
     return lines
 
 
-def _dirty() -> str:
-    """' + uncommitted changes' when tracked files differ from HEAD: the commit alone would not reproduce the run."""
-    import subprocess
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return " + uncommitted changes" if out.returncode == 0 and out.stdout.strip() else ""
-
-
 def report(run_dir: str | Path) -> str:
     import os
 
     import torch
 
-    from embforge.eval.results import git_commit
+    from embforge.bench.common import git_commit   # short hash, '-dirty' when tracked files differ from HEAD
 
     run = Path(run_dir)
     stages = [line.split("\t") for line in (run / "stages.tsv").read_text().splitlines() if line.strip()]
@@ -129,7 +118,7 @@ def report(run_dir: str | Path) -> str:
         f"# CPU demo ({datetime.now(timezone.utc):%Y-%m-%d})",
         "",
         f"Machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, Python "
-        f"{platform.python_version()}; commit {git_commit() or 'unknown'}{_dirty()}.",
+        f"{platform.python_version()}; commit {git_commit()}.",
         "",
         "| stage | seconds |", "|---|---:|",
         *[f"| {name} | {sec} |" for name, sec in stages],
