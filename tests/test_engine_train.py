@@ -160,6 +160,20 @@ def test_learnable_temperature_trains_and_is_restored_on_resume(tmp_path):
     assert [r["temperature"] for r in metrics(b)] == temps
 
 
+def assert_no_embforge_class_pickled(path):
+    """A checkpoint holds plain data only: an embforge class pickled by its module path would stop loading as soon
+    as the code moves (checkpoints written before a restructure must still resume)."""
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            assert not module.startswith("embforge"), f"{path} pickles {module}.{name}"
+            return super().find_class(module, name)
+
+    torch.load(path, weights_only=False, pickle_module=SimpleNamespace(Unpickler=Unpickler, load=pickle.load,
+                                                                       __name__="pickle"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
@@ -185,6 +199,7 @@ def test_sigint_checkpoints_after_the_current_step_and_resume_continues(tmp_path
     assert part["stopped_at"] == 2 and len(calls) == 2           # the step in flight finished, no third began
     assert signal.getsignal(signal.SIGINT) is before             # handlers restored
     assert checkpoints(out) == ["step-000002"] and [r["step"] for r in metrics(out)] == [1, 2]
+    assert_no_embforge_class_pickled(out / "checkpoints" / "step-000002" / "trainer.pt")
     monkeypatch.setattr(T, "contrastive_step", real)
     assert run_training(cfg_for(tmp_path, out), resume=True, progress=False)["losses"] == uninterrupted
 

@@ -27,4 +27,4 @@ class Temperature:
         return [{"params": [self.log_tau], "weight_decay": 0.0}] if self.learnable else []
 
     def current(self) -> float:
-        return float(self.log_tau.exp()) if self.learnable else self.value
+        return float(self.log_tau.detach().exp()) if self.learnable else self.value
