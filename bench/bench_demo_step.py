@@ -3,7 +3,7 @@
     python bench/bench_demo_step.py [--config configs/cpu-demo.yaml] [--reps 3] [--out-dir bench/results]
 
 Why: on 2 CPU cores the demo's training step decides whether the demo fits its 15 minutes. Three levers are timed
-on one fixed batch of the demo's data (the config's queries x (positive + negatives), built by demo_data + the
+on one fixed batch of the demo's data (the config's queries x (positive + negatives), built by data/sources.py + the
 hashing miner when runs/demo/train.mined.jsonl is absent):
   - LoRA dropout: in train mode peft draws a Bernoulli mask for the input of every adapted projection (210 of them
     on SmolLM2), and CPU Bernoulli sampling is slow; dropout 0 skips it;

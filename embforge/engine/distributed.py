@@ -66,7 +66,8 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
-        """The one voice: rank 0 alone logs, evaluates, draws progress, writes metrics and checkpoints."""
+        """The one voice: rank 0 alone logs, evaluates, draws progress, writes metrics and checkpoints (the trainer's
+        Reporter is built from this: engine/train.py)."""
         return self.rank == 0
 
     def on_main(self, fn, *args, **kwargs):
