@@ -190,6 +190,18 @@ def test_triton_backend_every_combination(combo):
     check(q, d, tau, "triton", chunk_size=4, query_ids=qid, doc_ids=did, **_resolve(COMBOS[combo], T))
 
 
+@pytest.mark.parametrize("combo", ["gte-all", "d2q-alone", "q2q+d2d-no-q2d"])
+def test_triton_backend_without_ids(combo):
+    """Without text ids only the self exclusions keep a query (q2q, d2q) or the positive (d2d) out of its own
+    partition (with ids, the id rule also catches them)."""
+    tau = 0.1
+    q, d, qid, did, T = terms_batch(tau=tau)
+    dirs = COMBOS[combo]["directions"]
+    differs(ref_loss(q, d, tau, directions=dirs), ref_loss(q, d, tau, directions=dirs, skip_rules=("self",)), 0.02,
+            "self exclusion")
+    check(q, d, tau, "triton", chunk_size=4, **COMBOS[combo])
+
+
 # odd shapes, temperatures and a bf16 input: everything on at once
 SHAPES = [(7, 2, 13, 0.05, torch.float32), (9, 3, 24, 0.3, torch.float32), (11, 2, 40, 1.0, torch.float32),
           (8, 2, 16, 0.2, torch.bfloat16)]
