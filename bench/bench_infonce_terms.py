@@ -85,6 +85,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
     p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--append", action="store_true", help="add the rows to an existing CSV (another shape)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
@@ -107,7 +108,10 @@ def main(argv=None):
         rows.append(row)
         print(f"[{i + 1}/{len(a.configs)}] {config:10s} {row.get('median_ms', float('nan')):9.1f} ms "
               f"{row.get('peak_mem_mb', float('nan')):8.1f} MB  {row['status']}", file=sys.stderr, flush=True)
-    common.write_csv(rows, Path(a.out_dir) / f"infonce_terms_{a.device}.csv")
+    path = Path(a.out_dir) / f"infonce_terms_{a.device}.csv"
+    if a.append and path.exists():
+        rows = common.read_csv(path) + rows
+    common.write_csv(rows, path)
     return 0
 
 
