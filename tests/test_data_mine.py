@@ -171,3 +171,47 @@ def test_cli_with_minilm_truncated(tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["positive"] not in r["negatives"] for r in recs) and sum(map(len, (r["negatives"] for r in recs)))
     assert main(["mine", "--data", str(data), "--out", str(out), "--model", "hashing", "--max-seq-length", "8"]) == 2
+
+
+def test_scores_are_the_encoders_cosines_in_written_order(tmp_path):
+    """--scores: [positive, *negatives written], each the cosine of the query with that text (hand-set vectors:
+    the table's values); append mode scores the record's own negatives too (encoded: they are not in the corpus).
+    Without --scores, old scores whose negatives changed are dropped (they would no longer line up)."""
+    data, corpus, out = tmp_path / "d.jsonl", tmp_path / "c.jsonl", tmp_path / "o.jsonl"
+    _write(data, [{"instruction": "find it", "query": "Q", "positive": POS, "negatives": ["old"],
+                   "scores": [1.0, 0.0]}])
+    _corpus_file(corpus, list(CORPUS))
+    enc = FakeEncoder({**CORPUS, "Q": 1.0, "old": 0.33})
+    kw = dict(rank_start=5, rank_end=100, negatives=2, margin=0.95, near_dup=0.9)
+    report = mine(data, out, enc, corpus=corpus, cfg=MineConfig(**kw, scores=True), progress=False)
+    rec = json.loads(out.read_text())
+    assert rec["negatives"] == ["stock prices fell today", "rain is expected tomorrow"]
+    assert rec["scores"] == pytest.approx([0.80, 0.60, 0.50], abs=1e-6) and report["scored"] == 1
+    mine(data, out, enc, corpus=corpus, cfg=MineConfig(**kw, mode="append", scores=True), progress=False)
+    rec = json.loads(out.read_text())
+    assert rec["negatives"] == ["old", "stock prices fell today", "rain is expected tomorrow"]
+    assert rec["scores"] == pytest.approx([0.80, 0.33, 0.60, 0.50], abs=1e-6)
+    report = mine(data, out, enc, corpus=corpus, cfg=MineConfig(**kw), progress=False)
+    rec = json.loads(out.read_text())
+    assert "scores" not in rec and report["scores_dropped"] == 1 and report["scored"] == 0
+
+
+def test_cli_scores_with_the_hashing_encoder(tmp_path):
+    from embforge.cli import main
+    from embforge.data.records import read_records
+    from embforge.eval.encoders import HashingEncoder
+    data, out = tmp_path / "d.jsonl", tmp_path / "o.jsonl"
+    _write(data, [{"query": "python list sort", "positive": "sort a python list in place"},
+                  {"query": "bake bread", "positive": "how to bake bread at home"},
+                  {"query": "train times", "positive": "the train leaves at noon"},
+                  {"query": "sort numbers", "positive": "sorting numbers in a list"}])
+    assert main(["mine", "--data", str(data), "--out", str(out), "--model", "hashing", "--ranks", "1-3",
+                 "--negatives", "2", "--margin", "0.99", "--scores"]) == 0
+    enc = HashingEncoder()
+    recs = read_records(out)                       # valid training records: the reader checks the lengths
+    assert all(len(r["negatives"]) == 2 for _, r in recs)
+    for _, r in recs:
+        q = enc.encode([r["query"]], instruction=None)[0].float()
+        d = enc.encode([r["positive"], *r["negatives"]], instruction=None).float()
+        assert r["scores"] == pytest.approx((d @ q).tolist(), abs=1e-5)
+        assert r["scores"][0] != r["scores"][1]

@@ -98,3 +98,49 @@ def test_relabel_with_the_bundled_sentence_transformers_model(tmp_path):
     # the default corpus is the records' own passages, so the seed positives win back their place
     assert all(not r["meta"]["relabel"]["positive_changed"] for r in out)
     assert all(x["score_source"] == ["json"] for r in out for x in r["meta"]["relabel"]["ranking"])
+
+
+def _expected_grade(g: int) -> float:
+    """The fake server's logprobs put weight exp(-1.5 |s - g| - 0.05) on grade s: the expected grade under them."""
+    import math
+    w = {s: math.exp(-1.5 * abs(s - g) - 0.05) for s in range(4)}
+    return sum(s * p for s, p in w.items()) / sum(w.values())
+
+
+@pytest.mark.parametrize("use_logprobs", [True, False])
+def test_relabel_writes_the_grades_as_teacher_scores(tmp_path, use_logprobs):
+    """"scores" = [positive, *negatives], each the passage's grade averaged over the graders (the expected grade
+    with logprobs); a record with an ungradable (rejected) passage in its group gets none. The output is a valid
+    training record (the reader checks the scores' length against the negatives)."""
+    from embforge.data.records import ExampleFile
+
+    recs, corpus = _write_records(tmp_path / "in.jsonl")
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    cfg = RelabelConfig(base_url="", model="gpt-4o-mini", input=str(tmp_path / "in.jsonl"),
+                        corpus=str(tmp_path / "corpus.txt"), out=str(tmp_path / "out.jsonl"), embedder="hashing",
+                        top_k=4, negative_ranks=[-1, -2], backoff_base=0.01, progress=False,
+                        use_logprobs=use_logprobs, parse_attempts=1)
+    ungradable = recs[2]["positive"]     # the seed positive always joins its record's candidates
+
+    def grade(q, p):   # a grade outside 0-3 for one passage: the relabeller rejects it
+        return 9 if p == ungradable else overlap_score(q, p)
+
+    with FakeLLM(score_fn=grade, logprobs=use_logprobs) as fake:
+        cfg.base_url = fake.base_url
+        report = run_relabel(cfg, encoder=HashingEncoder())
+    assert report["records_written"] == 6
+    out = [r for _, r in read_jsonl(tmp_path / "out.jsonl")]
+    scored = [r for r in out if "scores" in r]
+    assert 0 < len(scored) < len(out)
+    for r in out:
+        group = [r["positive"], *r["negatives"]]
+        if ungradable in group:
+            assert "scores" not in r
+            continue
+        want = [overlap_score(r["query"], t) for t in group]
+        if use_logprobs:
+            want = [_expected_grade(g) for g in want]
+        assert r["scores"] == pytest.approx(want, rel=1e-6), (r["query"], group)
+    assert any(len(set(r["scores"])) > 1 for r in scored)          # the grades tell the passages apart
+    data = ExampleFile(tmp_path / "out.jsonl")
+    assert data.scored == len(scored) and len(data) == 6

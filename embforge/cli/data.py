@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--mode", choices=("replace", "append"), default=d.mode)
     m.add_argument("--shard-size", type=int, default=d.shard_size, help="queries per resumable shard")
     m.add_argument("--batch-size", type=int, default=d.batch_size)
+    m.add_argument("--scores", action="store_true",
+                   help="also write each record's teacher scores: the encoder's cosines of the query with the "
+                        "positive and each negative (\"scores\": [positive, negative 1, ...]; loss.distill_weight)")
     m.add_argument("--max-seq-length", type=int, default=None,
                    help="truncate texts to N tokens for mining (match the training's max lengths; faster)")
     m.set_defaults(func=cmd_mine)
@@ -57,7 +60,7 @@ def cmd_mine(args) -> int:
         start, _, end = args.ranks.partition("-")
         cfg = MineConfig(rank_start=int(start), rank_end=int(end or start), negatives=args.negatives,
                          margin=args.margin, near_dup=args.near_dup, mode=args.mode, shard_size=args.shard_size,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, scores=args.scores)
         cfg.validate()
         encoder = load_encoder(args.model)
         if args.max_seq_length:

@@ -12,6 +12,11 @@ streaming top-k, embforge/engine/search.py), and keep candidates from a rank win
 then the rank window (1-based ranks in the raw retrieval list, `rank_start`..`rank_end` inclusive; the very top is
 skipped because it holds most unlabelled positives) and the first `negatives` survivors are written.
 
+Teacher scores (`scores=True`, `embforge mine --scores`): each written record gets `"scores": [positive, negative 1,
+...]`, the encoder's cosine of the query with each of them, in the order written (docs/train.md: distillation). A
+record's old "scores" are kept only if its negatives came out unchanged; otherwise they would no longer line up with
+the negatives (the reader refuses that), so they are dropped (counted in the report) unless --scores rewrites them.
+
 Resumable: queries are processed in shards; corpus embeddings and finished shards are kept under `<out>.parts/`
 together with a fingerprint of the inputs and settings, so a rerun after an interruption skips finished work and a
 rerun with other inputs starts over. The output is written to a temporary file and renamed (atomic); input fields
@@ -49,6 +54,7 @@ class MineConfig:
     shard_size: int = 2048       # queries per resumable shard
     corpus_shard: int = 8192     # documents per cached corpus-embedding shard
     batch_size: int = 32
+    scores: bool = False         # write the encoder's cosines of [positive, *negatives] as teacher scores
 
     def validate(self):
         if not 1 <= self.rank_start <= self.rank_end:
@@ -146,24 +152,41 @@ def _encode_queries(encoder, recs: list[dict], batch_size: int) -> torch.Tensor:
     return out
 
 
-def _positive_embeddings(encoder, recs: list[dict], row_of: dict[str, int], corpus_files: list[Path],
-                         cfg: MineConfig) -> torch.Tensor:
-    """Positives' document embeddings: read back from the cached corpus when the text is there (the default
-    corpus holds every positive), encoded otherwise."""
-    rows = [row_of.get(r["positive"]) for r in recs]
+def _doc_embeddings(encoder, texts: list[str], row_of: dict[str, int], corpus_files: list[Path],
+                    cfg: MineConfig) -> torch.Tensor:
+    """Document embeddings of `texts`: read back from the cached corpus when the text is there (the default corpus
+    holds every positive and negative), encoded otherwise."""
+    rows = [row_of.get(t) for t in texts]
     missing = [i for i, row in enumerate(rows) if row is None]
     out = None
     if missing:
-        emb = encoder.encode([recs[i]["positive"] for i in missing], instruction=None, batch_size=cfg.batch_size)
-        out = emb.new_zeros((len(recs), emb.shape[1])).float()
+        emb = encoder.encode([texts[i] for i in missing], instruction=None, batch_size=cfg.batch_size)
+        out = emb.new_zeros((len(texts), emb.shape[1])).float()
         out[missing] = emb.float()
     for s, f in enumerate(corpus_files):
         lo, hi = s * cfg.corpus_shard, (s + 1) * cfg.corpus_shard
         want = [(i, row - lo) for i, row in enumerate(rows) if row is not None and lo <= row < hi]
         if want:
             shard = torch.load(f)
-            out = shard.new_zeros((len(recs), shard.shape[1])) if out is None else out
+            out = shard.new_zeros((len(texts), shard.shape[1])) if out is None else out
             out[[i for i, _ in want]] = shard[[r for _, r in want]]
+    return out
+
+
+def _final_negatives(rec: dict, mined: list[str], cfg: MineConfig) -> list[str]:
+    return mined if cfg.mode == "replace" else list(dict.fromkeys([*rec["negatives"], *mined]))
+
+
+def _teacher_scores(encoder, q: torch.Tensor, recs: list[dict], negs: list[list[str]], row_of, corpus_files,
+                    cfg: MineConfig) -> list[list[float]]:
+    """Per record: the cosine of its query with its positive and each written negative (the encoder's rows are
+    normalized, so a dot product)."""
+    groups = [[r["positive"], *_final_negatives(r, n, cfg)] for r, n in zip(recs, negs)]
+    emb = _doc_embeddings(encoder, [t for g in groups for t in g], row_of, corpus_files, cfg)
+    out, k = [], 0
+    for i, g in enumerate(groups):
+        out.append((emb[k:k + len(g)] @ q[i]).tolist())
+        k += len(g)
     return out
 
 
@@ -233,12 +256,14 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
                 return {"stopped_after_shards": s}
             recs = [r for _, r in shard]
             q = _encode_queries(encoder, recs, cfg.batch_size)
-            pos_scores = (q * _positive_embeddings(encoder, recs, row_of, corpus_files, cfg)).sum(-1).tolist()
+            positives = _doc_embeddings(encoder, [r["positive"] for r in recs], row_of, corpus_files, cfg)
+            pos_scores = (q * positives).sum(-1).tolist()
             scores, idx = search_chunks(q, (torch.load(c) for c in corpus_files), depth)
             counts = dict.fromkeys(("retrieved", *FILTERS, "surplus"), 0)
             negs = [select_negatives(r["positive"], ps, [texts[j] for j in irow], srow, cfg, counts)
                     for r, ps, srow, irow in zip(recs, pos_scores, scores.tolist(), idx.tolist())]
-            atomic_write_text(f, json.dumps({"negatives": negs, "counts": counts,
+            teacher = _teacher_scores(encoder, q, recs, negs, row_of, corpus_files, cfg) if cfg.scores else None
+            atomic_write_text(f, json.dumps({"negatives": negs, "counts": counts, "scores": teacher,
                                          "short": sum(len(n) < cfg.negatives for n in negs)}))
         bar.update(len(shard))
     bar.close()
@@ -246,7 +271,8 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
     # Assemble: every record with its mined negatives, then one rename.
     report = {"records": len(records), "corpus": len(texts), "rank_window": [cfg.rank_start, cfg.rank_end],
               "margin": cfg.margin, "near_dup": cfg.near_dup, "model": model_name,
-              "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0}
+              "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0,
+              "scored": 0, "scores_dropped": 0}
     with open_atomic(out) as fo:
         for s in range(n_shards):
             shard_out = json.loads((parts / f"shard-{s:05d}.json").read_text())
@@ -256,11 +282,19 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
                 else:
                     report[k] += v
             report["short"] += shard_out["short"]
-            for (_, rec), mined in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size],
-                                       shard_out["negatives"]):
-                negs = mined if cfg.mode == "replace" else list(dict.fromkeys([*rec["negatives"], *mined]))
+            teacher = shard_out.get("scores") or [None] * len(shard_out["negatives"])
+            for (_, rec), mined, scores in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size],
+                                               shard_out["negatives"], teacher):
+                negs = _final_negatives(rec, mined, cfg)
                 report["written"] += len(negs)
-                fo.write(json.dumps({**rec, "negatives": negs}, ensure_ascii=False) + "\n")
+                new = {**rec, "negatives": negs}
+                if scores is not None:
+                    new["scores"] = scores
+                    report["scored"] += 1
+                elif rec.get("scores") is not None and negs != rec["negatives"]:
+                    del new["scores"]         # they scored the old negatives
+                    report["scores_dropped"] += 1
+                fo.write(json.dumps(new, ensure_ascii=False) + "\n")
     atomic_write_text(out.with_name(out.name + ".report.json"), json.dumps(report, indent=2))
     shutil.rmtree(parts)
     return report
@@ -273,4 +307,9 @@ def format_report(r: dict) -> str:
     lines += [f"  removed by {name}: {n}" for name, n in r["removed"].items()]
     lines += [f"  beyond the per-record count: {r['surplus']}",
               f"  negatives written: {r['written']} ({r['short']} records got fewer than asked)"]
+    if r.get("scored"):
+        lines.append(f"  teacher scores (the encoder's cosines) written for {r['scored']} records")
+    if r.get("scores_dropped"):
+        lines.append(f"  old teacher scores dropped from {r['scores_dropped']} records (their negatives changed; "
+                     "--scores writes new ones)")
     return "\n".join(lines)

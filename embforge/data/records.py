@@ -4,6 +4,9 @@ held-out split, synth's output), so a record is either usable everywhere or reje
 
 Accepted records (one JSON object per line):
   {"instruction", "query", "positive", "negatives": [...]}                  (ours; `embforge synth` writes it)
+      optional "scores": [positive, negative 1, ...]: a teacher's scores of the positive and each negative, in
+      that order (`embforge synth relabel` writes the LLM's grades, `embforge mine --scores` its encoder's
+      cosines); training distils from them (loss.distill_weight, docs/train.md)
   {"user_query", "positive_document", "hard_negative_document"}             (E5 short-long / long-long)
   {"input_text", "label", "misleading_label"}                               (E5 long-short classification)
   {"input", "positive_document"}                                            (E5 short-short / long-long)
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +38,7 @@ class Example:
     negatives: list[str] = field(default_factory=list)
     task_type: str | None = None
     language: str | None = None
+    scores: list[float] | None = None      # teacher scores: [positive, *negatives] (None: unscored)
 
 
 def _str(rec, key, where):
@@ -48,6 +53,23 @@ def _negatives(rec: dict):
     return [negs] if isinstance(negs, str) else negs
 
 
+def _scores(rec: dict, n_negatives: int, where: str) -> list[float] | None:
+    """The optional teacher scores: finite numbers, one for the positive and one per negative, in that order."""
+    scores = rec.get("scores")
+    if scores is None:
+        return None
+    if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               for x in scores):
+        raise DataError(f"{where}: field 'scores' must be a list of numbers [positive, negative 1, ...], "
+                        f"got {scores!r}")
+    if len(scores) != 1 + n_negatives:
+        raise DataError(f"{where}: field 'scores' has {len(scores)} values but the record has 1 positive and "
+                        f"{n_negatives} negatives (one score each, positive first)")
+    if not all(math.isfinite(x) for x in scores):
+        raise DataError(f"{where}: field 'scores' must hold finite numbers, got {scores!r}")
+    return [float(x) for x in scores]
+
+
 def parse_record(rec: dict, where: str) -> Example:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -59,7 +81,7 @@ def parse_record(rec: dict, where: str) -> Example:
         if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
             raise DataError(f"{where}: field 'negatives' must be a list of strings")
         return Example(instr, _str(rec, "query", where), _str(rec, "positive", where), negs,
-                       rec.get("task_type"), rec.get("language"))
+                       rec.get("task_type"), rec.get("language"), _scores(rec, len(negs), where))
     if "user_query" in rec:
         negs = [rec["hard_negative_document"]] if rec.get("hard_negative_document") else []
         return Example(instr, _str(rec, "user_query", where), _str(rec, "positive_document", where), negs)
@@ -82,6 +104,7 @@ class ExampleFile:
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.offsets: list[tuple[int, int, int]] = []   # (file index, byte offset, line number)
         self.skipped: list[str] = []
+        self.scored = 0        # records carrying teacher scores
         for fi, path in enumerate(self.paths):
             if not path.exists():
                 raise FileNotFoundError(f"training data not found: {path}")
@@ -92,7 +115,7 @@ class ExampleFile:
                     if raw.strip():
                         where = f"{path}:{lineno}"
                         try:
-                            parse_record(json.loads(raw), where)
+                            self.scored += parse_record(json.loads(raw), where).scores is not None
                             self.offsets.append((fi, pos, lineno))
                         except (json.JSONDecodeError, UnicodeDecodeError, DataError) as e:
                             msg = e if isinstance(e, DataError) else DataError(f"{where}: invalid JSON: {e}")

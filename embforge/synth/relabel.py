@@ -5,6 +5,11 @@ as a candidate, so we can tell whether it kept its place), have the LLM grade ev
 one or more grading prompts, rank the candidates per grader, fuse the rankings by reciprocal rank, and write
 positive = fused top and hard negatives = the configured fused ranks. Grades go through the same durable
 ledger as generation, so an interrupted relabel resumes without paying for a grade twice.
+
+The record also gets the LLM's grades as teacher scores for distillation (`"scores": [positive, negative 1, ...]`,
+docs/train.md): each passage's grade averaged over the graders, on the 0-3 scale (the expected grade under the
+model's token distribution when logprobs came back, else the JSON grade). A record with an ungradable (rejected)
+pair among its positive and negatives gets no scores rather than a made-up one.
 """
 from __future__ import annotations
 
@@ -306,9 +311,13 @@ class Relabeler:
         }
         meta = dict(rec.get("meta") or {})
         meta["relabel"] = provenance
-        return {"instruction": rec["instruction"], "query": rec["query"], "positive": corpus[positive],
-                "negatives": [corpus[i] for i in negatives], "task_type": rec.get("task_type", "unknown"),
-                "language": rec.get("language", "English"), "meta": meta}
+        out = {"instruction": rec["instruction"], "query": rec["query"], "positive": corpus[positive],
+               "negatives": [corpus[i] for i in negatives], "task_type": rec.get("task_type", "unknown"),
+               "language": rec.get("language", "English"), "meta": meta}
+        group = [positive, *negatives]
+        if all(scores[g][i][1] != "rejected" for g in cfg.graders for i in group):
+            out["scores"] = [sum(scores[g][i][0] for g in cfg.graders) / len(cfg.graders) for i in group]
+        return out
 
 
 def run_relabel(cfg: RelabelConfig, *, encoder=None, load_encoder=None, client: LLMClient | None = None) -> dict:
