@@ -339,3 +339,176 @@ def test_cuda_auto_chunk_budget_keeps_grads_and_rng():
     res = contrastive_step(e, make_batch(), chunk_tokens="auto")
     assert res.chunk_tokens == budget and res.n_chunks == 1
     assert torch.isfinite(take_grads(e)).all()
+
+
+# ------------------------------------------------------------------------------------------------ issue 22's terms
+# Query 2's row is unscored (NaN): the distillation's mean runs over the other four rows.
+TEACHER = [[3.0, 0.0], [0.5, 2.0], [float("nan")] * 2, [1.0, 2.5], [2.0, 2.0]]
+
+
+def scored_batch():
+    b = make_batch()
+    return ContrastiveBatch(b.queries, b.instructions, b.documents, teacher_scores=torch.tensor(TEACHER))
+
+
+def reference_options(batch, options):
+    """contrastive_step's option names -> tests/infonce_reference.py reference_terms' (an independent definition)."""
+    names = {"directions": "directions", "false_negative_margin": "margin", "in_batch_negatives": "in_batch",
+             "teacher_temperature": "teacher_tau", "distill_weight": "distill_weight",
+             "matryoshka_dims": "matryoshka_dims", "matryoshka_weights": "matryoshka_weights"}
+    out = {names[k]: v for k, v in options.items()}
+    if options.get("distill_weight"):
+        out["teacher"] = batch.teacher_scores.double()
+    return out
+
+
+def independent_terms_step(e, batch, log_tau, **options):
+    """As independent_step, with the float64 reference of every #22 term (reference_terms_total) and a learnable
+    temperature tau = exp(log_tau): (loss, gradient of the LoRA weights, d loss / d log_tau)."""
+    from infonce_reference import reference_terms_total
+    seqs = all_seqs(e, batch)
+    reps = torch.cat([e.forward_tokens(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs])
+    texts = batch.queries + batch.documents
+    ids = torch.tensor([texts.index(t) for t in texts])
+    B, N = len(batch.queries), len(batch.documents)
+    lt = torch.tensor(log_tau, dtype=torch.float64, requires_grad=True)
+    loss = reference_terms_total(reps[:B].double(), reps[B:].double(), lt.exp(), torch.arange(B) * (N // B),
+                                 query_ids=ids[:B], doc_ids=ids[B:], **reference_options(batch, options))
+    loss.backward()
+    return float(loss.detach()), take_grads(e), float(lt.grad)
+
+
+TERMS = {
+    "margin": dict(false_negative_margin=0.0),
+    "d2q": dict(directions=["q2d", "d2q"]),
+    "d2d_q2q": dict(directions=["q2d", "q2q", "d2d"]),
+    "own_group": dict(in_batch_negatives=False),
+    "distill": dict(distill_weight=0.7, teacher_temperature=0.5),
+    "all_matryoshka": dict(directions=["q2d", "q2q", "d2q", "d2d"], false_negative_margin=0.05, distill_weight=0.5,
+                           matryoshka_dims=[64, 16], matryoshka_weights=[1.0, 0.5]),
+}
+
+
+@pytest.mark.parametrize("name", [n if n in ("margin", "d2q", "distill") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in TERMS])
+def test_gradcache_terms_equal_one_full_batch_step(name):
+    """Each #22 term through GradCache at several chunkings (and the single pass) == one plain-autograd step on the
+    same embeddings with the independent float64 reference loss: loss, LoRA gradient and the learnable
+    temperature's gradient. First the term is shown to move the step (else the equality would prove nothing)."""
+    import math
+    options = TERMS[name]
+    e = embedder("mistral", 0.0)
+    batch = scored_batch()
+    log_tau = math.log(TAU)
+    right = independent_terms_step(e, batch, log_tau, **options)
+    base = {k: v for k, v in options.items() if k.startswith("matryoshka")}
+    off = independent_terms_step(e, batch, log_tau, **base)
+    assert_moves(off[:2], right[:2], 0.01, name)
+    for chunk_tokens, max_seqs in ((30, 3), (64, None), (10**6, None)):
+        lt = torch.tensor(log_tau, requires_grad=True)
+        res = contrastive_step(e, batch, temperature=lt.exp(), chunk_tokens=chunk_tokens, max_chunk_seqs=max_seqs,
+                               **options)
+        g = take_grads(e)
+        assert (res.n_chunks == 1) == (chunk_tokens == 10**6) and (max_seqs is None or res.n_chunks > 3)
+        assert abs(res.loss - right[0]) <= 1e-5 * abs(right[0]), (chunk_tokens, res.loss, right[0])
+        assert rel_err(g, right[1]) < 1e-4, chunk_tokens
+        assert abs(float(lt.grad) - right[2]) <= 1e-4 * abs(right[2]) + 1e-7, (float(lt.grad), right[2])
+
+
+def test_batch_without_scored_rows_or_weight_skips_distillation():
+    """distill_weight with every row unscored (or no teacher at all) is the plain step; a batch's own
+    in_batch_negatives=False turns in-batch negatives off like the option."""
+    e = embedder("llama", 0.0)
+    b = make_batch()
+    plain = contrastive_step(e, b, temperature=TAU, chunk_tokens=10**6).loss
+    nan = torch.full((5, 2), float("nan"))
+    unscored = ContrastiveBatch(b.queries, b.instructions, b.documents, teacher_scores=nan)
+    assert contrastive_step(e, unscored, temperature=TAU, chunk_tokens=10**6, distill_weight=1.0).loss == plain
+    assert contrastive_step(e, b, temperature=TAU, chunk_tokens=10**6, distill_weight=1.0).loss == plain
+    own = contrastive_step(e, b, temperature=TAU, chunk_tokens=10**6, in_batch_negatives=False).loss
+    flagged = ContrastiveBatch(b.queries, b.instructions, b.documents, in_batch_negatives=False)
+    assert own < plain - 0.1 and contrastive_step(e, flagged, temperature=TAU, chunk_tokens=10**6).loss == own
+    take_grads(e)
+
+
+def test_to_batch_teacher_rows_and_shards():
+    """to_batch: a scored example's row is cut to the negatives used; an unscored example, or one whose group was
+    filled from other examples, gets a NaN row; no scored example: None. shard_batch slices the rows."""
+    from embforge.data.records import Example
+    from embforge.engine.batch import shard_batch, to_batch
+    from embforge.engine.distributed import Dist
+    ex = [Example(None, "q0", "p0", ["n0a", "n0b"], scores=[3.0, 1.0, 0.0]),
+          Example(None, "q1", "p1", ["n1a"], scores=[2.0, 1.0]),        # one negative short: filled -> NaN
+          Example(None, "q2", "p2", ["n2a", "n2b"]),                      # unscored
+          Example(None, "q3", "p3", ["n3a", "n3b", "n3c"], scores=[1.0, 2.0, 3.0, 4.0])]
+    b = to_batch(ex, 2)
+    t = b.teacher_scores
+    assert t.shape == (4, 3) and t[0].tolist() == [3.0, 1.0, 0.0] and t[3].tolist() == [1.0, 2.0, 3.0]
+    assert torch.isnan(t[1]).all() and torch.isnan(t[2]).all()
+    assert b.documents[3:6] == ["p1", "n1a", "p2"]                        # the filled member
+    assert to_batch([ex[2], ex[2]], 2).teacher_scores is None
+    parts = [shard_batch(b, Dist(rank=r, world_size=2, active=True)) for r in range(2)]
+    assert torch.equal(torch.cat([p.teacher_scores for p in parts]).nan_to_num(-1), t.nan_to_num(-1))
+    with pytest.raises(ValueError, match="teacher_scores has shape"):
+        ContrastiveBatch(b.queries, b.instructions, b.documents, teacher_scores=t[:, :2])
+
+
+@pytest.mark.slow
+def test_train_config_loss_keys_validated_and_passed_through(tmp_path):
+    """The #22 keys under loss: are checked at load (errors name the key) and reach the step: train's first loss
+    and gradient norm equal the independent reference's with them, and differ from the plain loss's."""
+    import json
+
+    from embforge.cli.train import run_training
+    from embforge.config import load_config
+    from embforge.data.records import ExampleFile, batch_at
+    from embforge.data.sources import build
+    from embforge.engine.batch import to_batch
+    from embforge.engine.train import TrainConfig
+
+    for bad, key in (("loss.directions=[q2d,x2y]", "loss.directions"), ("loss.directions=[]", "loss.directions"),
+                     ("loss.false_negative_margin=.nan", "loss.false_negative_margin"),
+                     ("loss.teacher_temperature=0", "loss.teacher_temperature"),
+                     ("loss.distill_weight=-1", "loss.distill_weight")):
+        with pytest.raises(ValueError, match=key):
+            load_config(TrainConfig, None, ["data.train=[x]", bad])
+    with pytest.raises(ValueError, match="loss.in_batch_negatives"):
+        load_config(TrainConfig, None, ["data.train=[x]", "loss.in_batch_negatives=false", "loss.same_tower=true"])
+
+    data = tmp_path / "train.jsonl"
+    build(data)
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    for i, r in enumerate(rows):      # teacher scores on every other record (one per negative, positive first)
+        if i % 2 == 0:
+            r["negatives"] = r["negatives"] or [rows[i - 1]["positive"]]    # else its group is filled: unscored
+            r["scores"] = [float(i % 3)] + [float((i + k) % 4) for k in range(1, len(r["negatives"]) + 1)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loss_keys = dict(directions=["q2d", "d2q"], false_negative_margin=0.05, distill_weight=0.5,
+                     teacher_temperature=0.5)
+    overrides = ["model.path=tiny-llama", "model.lora.dropout=0.0", f"data.train=[{data}]", "batch.queries=4",
+                 "batch.chunk_tokens=64", "steps=1", f"loss.temperature={TAU}", "loss.directions=[q2d,d2q]",
+                 "loss.false_negative_margin=0.05", "loss.distill_weight=0.5", "loss.teacher_temperature=0.5",
+                 f"output_dir={tmp_path / 'run'}", "checkpoint_every=0", "device=cpu"]
+    cfg = load_config(TrainConfig, None, overrides)
+    result = run_training(cfg, progress=False)
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["chunks"] > 1
+    torch.manual_seed(cfg.seed)
+    e = Embedder.from_config(cfg.model, torch.device("cpu"))
+    e.model.train()
+    examples, _ = batch_at(ExampleFile(cfg.data.train), 0, cfg.batch.queries, cfg.seed)
+    batch = to_batch(examples, cfg.batch.negatives)
+    assert batch.teacher_scores is not None and not torch.isnan(batch.teacher_scores[:, 0]).all()
+    import math
+    loss, g, _ = independent_terms_step(e, batch, math.log(TAU), **loss_keys)
+    plain_loss, g_plain, _ = independent_terms_step(e, batch, math.log(TAU))
+    assert abs(plain_loss - loss) > 0.01 * loss and abs(float(g_plain.norm()) - float(g.norm())) > 0.01 * g.norm()
+    assert abs(result["losses"][0] - loss) <= 1e-5 * loss, (result["losses"][0], loss)
+    assert abs(rec["grad_norm"] - float(g.norm())) <= 1e-4 * float(g.norm())
+
+    # distill_weight with no scored record anywhere is refused before any model loads, naming the key
+    plain = tmp_path / "plain.jsonl"
+    build(plain)
+    cfg = load_config(TrainConfig, None, [*overrides[:2], f"data.train=[{plain}]", *overrides[3:]])
+    with pytest.raises(ValueError, match="loss.distill_weight"):
+        run_training(cfg, progress=False)

@@ -14,6 +14,10 @@ def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after
 
     batches = ExampleBatches(cfg.data.train, queries=cfg.batch.queries, negatives=cfg.batch.negatives, seed=cfg.seed,
                              skip_bad_lines=cfg.data.skip_bad_lines)
+    if cfg.loss.distill_weight > 0 and not batches.scored:
+        from embforge.config import ConfigError
+        raise ConfigError(f"loss.distill_weight: {cfg.loss.distill_weight} > 0 but no record of data.train carries "
+                          "teacher 'scores' (write them with `embforge synth relabel` or `embforge mine --scores`)")
     evaluate = None
     if cfg.eval.data:
         from embforge.eval.training import evaluate as evaluate_retrieval

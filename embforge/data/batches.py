@@ -21,6 +21,11 @@ class ExampleBatches:
         skipped = self.data.skipped
         return [f"[train] skipped {len(skipped)} bad lines; first: {skipped[0]}"] if skipped else []
 
+    @property
+    def scored(self) -> int:
+        """Training records carrying teacher scores (what loss.distill_weight distils from)."""
+        return self.data.scored
+
     def __call__(self, position: int) -> tuple[ContrastiveBatch, int]:
         """The global batch at `position` and the position after it."""
         examples, position = batch_at(self.data, position, self.queries, self.seed)

@@ -16,6 +16,11 @@ class ContrastiveBatch:
     documents: list[str]                  # grouped: query i owns documents[i*G:(i+1)*G], positive first
     query_ids: list[int] | None = None    # optional explicit text ids (both or neither); default: from the texts
     doc_ids: list[int] | None = None
+    dataset: str | None = None            # where the batch came from (metrics, per-dataset losses)
+    in_batch_negatives: bool = True       # false: each query's negatives are only its own group's documents
+    # [B, G] float: a teacher's scores of each query's group (positive first), a row of NaN where the group has
+    # none (see to_batch); None: no row is scored. The loss distils from them (loss.distill_weight).
+    teacher_scores: torch.Tensor | None = None
 
     def __post_init__(self):
         B, N = len(self.queries), len(self.documents)
@@ -32,6 +37,9 @@ class ContrastiveBatch:
         if self.query_ids is not None and (len(self.query_ids) != B or len(self.doc_ids) != N):
             raise ValueError(f"ContrastiveBatch: {len(self.query_ids)} query_ids / {len(self.doc_ids)} doc_ids for "
                              f"{B} queries / {N} documents")
+        if self.teacher_scores is not None and tuple(self.teacher_scores.shape) != (B, N // B):
+            raise ValueError(f"ContrastiveBatch: teacher_scores has shape {tuple(self.teacher_scores.shape)}, "
+                             f"expected one row per query and one column per group member ({B}, {N // B})")
 
 
 
@@ -47,16 +55,28 @@ def text_ids(queries: list[str], documents: list[str]) -> tuple[torch.Tensor, to
 def to_batch(examples, negatives: int) -> ContrastiveBatch:
     """Grouped layout from training examples (anything with .query, .instruction, .positive, .negatives): each
     query owns [positive, K hard negatives]; short lists are filled with other examples' positives (still valid
-    negatives, and the duplicate-text masking guards accidental matches)."""
-    docs = []
+    negatives, and the duplicate-text masking guards accidental matches).
+
+    Teacher scores (an example's optional .scores = [positive, *negatives]) give its group's row, cut to the
+    negatives used. A row is all NaN (unscored, no distillation for that query) when the example has no scores or
+    when its group was filled from other examples: the teacher never scored those texts against this query, and
+    a row with made-up entries would distil a wrong distribution. No scored example at all: teacher_scores=None."""
+    docs, rows = [], []
     for i, ex in enumerate(examples):
         negs = list(ex.negatives[:negatives])
+        scores = getattr(ex, "scores", None)
+        rows.append(scores[: 1 + negatives] if scores is not None and len(negs) == negatives else None)
         j = 1
         while len(negs) < negatives:
             negs.append(examples[(i + j) % len(examples)].positive)
             j += 1
         docs += [ex.positive] + negs
-    return ContrastiveBatch([e.query for e in examples], [e.instruction for e in examples], docs)
+    teacher = None
+    if any(r is not None for r in rows):
+        teacher = torch.tensor([r if r is not None else [float("nan")] * (1 + negatives) for r in rows],
+                               dtype=torch.float32)
+    return ContrastiveBatch([e.query for e in examples], [e.instruction for e in examples], docs,
+                            teacher_scores=teacher)
 
 
 def shard_batch(batch: ContrastiveBatch, dist_) -> ContrastiveBatch:
@@ -74,4 +94,6 @@ def shard_batch(batch: ContrastiveBatch, dist_) -> ContrastiveBatch:
         qid, did = q.tolist(), d.tolist()
     qs = slice(dist_.rank * b, (dist_.rank + 1) * b)
     ds = slice(dist_.rank * b * G, (dist_.rank + 1) * b * G)
-    return ContrastiveBatch(batch.queries[qs], batch.instructions[qs], batch.documents[ds], qid[qs], did[ds])
+    teacher = None if batch.teacher_scores is None else batch.teacher_scores[qs]
+    return ContrastiveBatch(batch.queries[qs], batch.instructions[qs], batch.documents[ds], qid[qs], did[ds],
+                            batch.dataset, batch.in_batch_negatives, teacher_scores=teacher)

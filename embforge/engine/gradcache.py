@@ -149,8 +149,15 @@ def auto_chunk_tokens(embedder, *, seq_len: int | None = None, headroom: float =
 def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | torch.Tensor = 0.02,
                      chunk_tokens: int | str = 4096, max_chunk_seqs: int | None = None, same_tower: bool = False,
                      matryoshka_dims=None, matryoshka_weights=None, loss_backend: str = "auto",
+                     directions=("q2d",), false_negative_margin: float | None = None,
+                     in_batch_negatives: bool = True, teacher_temperature: float = 1.0, distill_weight: float = 0.0,
                      dist=None) -> StepResult:
     """One GradCache step; gradients accumulate into the trainable parameters' .grad (the caller zeroes them).
+
+    directions / false_negative_margin / in_batch_negatives / teacher_temperature / distill_weight: infonce_loss's
+    options (kernels/infonce_terms.py defines each term). in_batch_negatives is also off when the batch says so
+    (batch.in_batch_negatives); the teacher scores are the batch's (batch.teacher_scores, NaN rows unscored), used
+    when distill_weight > 0.
 
     dist: a distributed.Dist with a process group, to train on N ranks (the embedder then a WrappedEmbedder and the
     batch this rank's slice with global ids, see batch.shard_batch); result.loss is then the global loss.
@@ -184,7 +191,12 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     else:
         qid, did = text_ids(batch.queries, batch.documents)
     loss_kw = dict(query_ids=qid.to(dev), doc_ids=did.to(dev), same_tower=same_tower,
-                   matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=loss_backend)
+                   matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=loss_backend,
+                   directions=tuple(directions), false_negative_margin=false_negative_margin,
+                   in_batch_negatives=bool(in_batch_negatives and batch.in_batch_negatives),
+                   teacher_temperature=teacher_temperature)
+    if distill_weight and batch.teacher_scores is not None:
+        loss_kw.update(teacher_scores=batch.teacher_scores.to(dev), distill_weight=distill_weight)
     chunks = _equal_chunk_count(chunks, embedder, dist)
     real = sum(len(s) for s in seqs)
     computed = real if packed else sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks if c)
@@ -249,27 +261,45 @@ def _loss(reps: torch.Tensor, B: int, temperature, loss_kw: dict, dist) -> torch
     """InfoNCE of the B queries reps[:B] against the documents reps[B:] (grouped: G per query).
 
     On N ranks (dist active) this is rank r's share of the global loss: its own B query rows against EVERY rank's
-    documents (and every rank's queries with same_tower), gathered in rank order, which is global batch order, with
-    positives at their global positions, divided by N (= b / B_global), so the ranks' losses sum to the global mean
-    loss. dist.gather_rows' backward sums each gathered row's gradient over ranks and hands it to its owner, so
-    reps.grad holds exactly d(global loss)/d(own embedding): no 1/N or N factor is left to correct anywhere."""
+    documents (and every rank's queries when q2q / d2q use them), gathered in rank order, which is global batch
+    order, with positives at their global positions, divided by N (= b / B_global), so the ranks' losses sum to the
+    global mean loss. dist.gather_rows' backward sums each gathered row's gradient over ranks and hands it to its
+    owner, so reps.grad holds exactly d(global loss)/d(own embedding): no 1/N or N factor is left to correct
+    anywhere. Teacher rows are gathered too (every rank's slice, rank order = the global batch's rows), so the
+    distillation's mean runs over the global batch's scored rows, as in one process."""
+    kw = dict(loss_kw)
+    teacher = kw.pop("teacher_scores", None)
     if dist is None or not dist.active:
-        return infonce_loss(reps[:B], reps[B:], temperature, **loss_kw)
+        return infonce_loss(reps[:B], reps[B:], temperature, **_with_teacher(kw, teacher))
     ws, H = dist.world_size, reps.shape[1]
     n = reps.shape[0] - B
-    kw = dict(loss_kw)
     qid, did = kw.pop("query_ids"), kw.pop("doc_ids")
     rows = dist.gather_rows(reps).view(ws, B + n, H)      # one all-gather for queries and documents
     ids = dist.gather_ids(torch.cat([qid, did])).view(ws, B + n)
     q_all, d_all = rows[:, :B].reshape(ws * B, H), rows[:, B:].reshape(ws * n, H)
     qid_all, did_all = ids[:, :B].reshape(-1), ids[:, B:].reshape(-1)
     off = dist.rank * B
-    pos = (off + torch.arange(B, device=reps.device)) * (n // B)
-    if kw["same_tower"]:
+    G = n // B
+    pos = (off + torch.arange(B, device=reps.device)) * G
+    if teacher is not None:
+        teacher = dist.gather_ids(teacher.contiguous())   # [ws * B, G], no gradient
+    kw = _with_teacher(kw, teacher)
+    if kw["same_tower"] or {"q2q", "d2q"} & set(kw["directions"]):
         kw.update(tower_queries=q_all, tower_query_ids=qid_all, query_offset=off)
+    elif "teacher_scores" in kw:
+        kw.update(query_offset=off)                       # this rank's rows of the gathered teacher scores
     loss = infonce_loss(q_all[off: off + B], d_all, temperature, positive_index=pos,
-                        query_ids=qid_all[off: off + B], doc_ids=did_all, **kw)
+                        query_ids=qid_all[off: off + B], doc_ids=did_all, group_size=G, **kw)
     return loss / ws
+
+
+def _with_teacher(kw: dict, teacher: torch.Tensor | None) -> dict:
+    """The loss options with the teacher rows when any row is scored; without (and without distill_weight) when
+    every row is NaN: the term is zero then, and the plain kernel stays usable. Decided on the gathered rows, so
+    every rank decides alike."""
+    if teacher is None or bool(torch.isnan(teacher[:, 0]).all()):
+        return {k: v for k, v in kw.items() if k != "distill_weight"}
+    return {**kw, "teacher_scores": teacher}
 
 
 def _global_value(loss: torch.Tensor, dist) -> float:

@@ -59,11 +59,39 @@ class BatchConfig:
 
 @dataclass
 class LossConfig:
+    """infonce_loss's options (docs/train.md "Loss" states each term; kernels/infonce_terms.py computes them)."""
     temperature: float = 0.02
     learnable_temperature: bool = False
-    same_tower: bool = False
+    same_tower: bool = False           # a synonym for adding q2q to directions
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
+    directions: list[str] = field(default_factory=lambda: ["q2d"])   # any of q2d, q2q, d2q, d2d (GTE's partition)
+    false_negative_margin: float | None = None   # drop a negative whose cosine exceeds the positive's + this
+    in_batch_negatives: bool = True    # false: each query's negatives are its own group's documents only
+    teacher_temperature: float = 1.0   # softmax(teacher scores / this): the distillation target
+    distill_weight: float = 0.0        # > 0: distil from the records' "scores" (a KL term per scored query)
+
+    def validate(self):
+        """Refuse at config load, naming the key (the same rules infonce_loss applies at the first step)."""
+        from embforge.kernels.infonce_terms import DIRECTIONS
+        bad = [d for d in self.directions if d not in DIRECTIONS]
+        if bad or not self.directions:
+            raise ValueError(f"loss.directions: {bad or self.directions} is not a non-empty list of "
+                             f"{', '.join(DIRECTIONS)}")
+        if len(set(self.directions)) != len(self.directions):
+            raise ValueError(f"loss.directions: {self.directions} names a direction twice")
+        if self.false_negative_margin is not None and not math.isfinite(self.false_negative_margin):
+            raise ValueError(f"loss.false_negative_margin: must be a finite number or null, got "
+                             f"{self.false_negative_margin}")
+        if not self.in_batch_negatives and (set(self.directions) != {"q2d"} or self.same_tower):
+            raise ValueError("loss.in_batch_negatives: false keeps only each query's own group (q2d); it cannot "
+                             f"be combined with loss.directions {self.directions} or loss.same_tower")
+        if not (math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0):
+            raise ValueError(f"loss.teacher_temperature: must be a number > 0, got {self.teacher_temperature}")
+        if not (math.isfinite(self.distill_weight) and self.distill_weight >= 0):
+            raise ValueError(f"loss.distill_weight: must be a number >= 0, got {self.distill_weight}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"loss.temperature: must be a number > 0, got {self.temperature}")
 
 
 @dataclass
@@ -233,10 +261,13 @@ def train_step(run: Run, batch: ContrastiveBatch) -> tuple[StepResult, dict]:
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    lc = cfg.loss
     res = contrastive_step(run.step_embedder, batch, temperature=run.temperature(), chunk_tokens=run.chunk_tokens,
-                           max_chunk_seqs=cfg.batch.max_chunk_seqs, same_tower=cfg.loss.same_tower,
-                           matryoshka_dims=cfg.loss.matryoshka_dims, matryoshka_weights=cfg.loss.matryoshka_weights,
-                           dist=dist_)
+                           max_chunk_seqs=cfg.batch.max_chunk_seqs, same_tower=lc.same_tower,
+                           matryoshka_dims=lc.matryoshka_dims, matryoshka_weights=lc.matryoshka_weights,
+                           directions=lc.directions, false_negative_margin=lc.false_negative_margin,
+                           in_batch_negatives=lc.in_batch_negatives, teacher_temperature=lc.teacher_temperature,
+                           distill_weight=lc.distill_weight, dist=dist_)
     sum_grads(run.temperature.parameters(), dist_)   # outside the wrapped module: reduced here, with SUM
     # The reduced gradients are the global ones, so this is the global pre-clip norm on every rank.
     gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip))
