@@ -54,7 +54,21 @@ CASES = {  # name: (step kwargs, dropout p)
     "same_tower_matryoshka_one_chunk": (dict(chunk_tokens=1 << 14, same_tower=True, matryoshka_dims=[16, 64],
                                              matryoshka_weights=[0.5, 1.0]), 0.0),
     "dropout_same_tower_chunked": (dict(chunk_tokens=CHUNK, same_tower=True, matryoshka_dims=[32, 64]), 0.1),
+    # issue 22's terms together: gathered queries for d2q, the margin, and the teacher rows of the global batch
+    # (rank 1 of 3 owns only unscored rows; the distillation mean runs over the global batch's scored rows)
+    "margin_d2q_distill_chunked": (dict(chunk_tokens=CHUNK, directions=["q2d", "d2q"], false_negative_margin=0.02,
+                                        distill_weight=0.8, teacher_temperature=0.5, temperature=0.1), 0.0),
 }
+TEACHER = [[3.0, 1.0, 0.0], [0.5, 2.0, 1.0], [float("nan")] * 3, [float("nan")] * 3, [2.0, 2.5, 0.0],
+           [1.0, 0.0, 3.0]]
+
+
+def case_batch(name) -> ContrastiveBatch:
+    """The global batch of a case; with teacher scores when the case distils."""
+    b = global_batch()
+    if CASES[name][0].get("distill_weight"):
+        b = ContrastiveBatch(b.queries, b.instructions, b.documents, teacher_scores=torch.tensor(TEACHER))
+    return b
 
 
 def _embedder(path="tiny-llama", quantization="none"):
@@ -93,7 +107,7 @@ def _step_worker(rank, world_size, port, out_dir, strategy, cases, model_kw):
         kw, p = CASES[name]
         _set_dropout(emb, p)
         torch.manual_seed(rank_seed(0, rank))
-        res = contrastive_step(wrapped, shard_batch(global_batch(), dist_), dist=dist_, **kw)
+        res = contrastive_step(wrapped, shard_batch(case_batch(name), dist_), dist=dist_, **kw)
         results[name] = {"loss": res.loss, "grads": _grads(emb), "chunks": dist_.gather_objects(res.n_chunks)}
         for q in emb.trainable_parameters():
             q.grad = None
@@ -150,19 +164,27 @@ def assert_close(got: dict, want: dict, rtol=1e-5):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ddp_step_equals_one_process(tmp_path, world_size):
-    cases = list(CASES) if world_size == 2 else ["negatives_chunked", "dropout_same_tower_chunked"]
+    cases = list(CASES) if world_size == 2 else ["negatives_chunked", "dropout_same_tower_chunked",
+                                                 "margin_d2q_distill_chunked"]
     got = run_ranks(world_size, tmp_path, "ddp", cases)
     for name in cases:
         kw, p = CASES[name]
         if p == 0.0:   # literally the single-process GradCache step on the same global batch
             emb = _embedder()
             _set_dropout(emb, 0.0)
-            res = contrastive_step(emb, global_batch(), **kw)
+            res = contrastive_step(emb, case_batch(name), **kw)
             want_loss, want = res.loss, _grads(emb)
         else:          # dropout: ranks draw their own masks; pass 2 must replay them exactly
             want_loss, want = reference(name, world_size)
         assert abs(got[name]["loss"] - want_loss) < 1e-5 * abs(want_loss), name
         assert_close(got[name]["grads"], want)
+    # The #22 terms change the step (each one: tests/test_engine_gradcache.py), so the equality above has teeth.
+    emb = _embedder()
+    _set_dropout(emb, 0.0)
+    plain = {k: v for k, v in CASES["margin_d2q_distill_chunked"][0].items()
+             if k not in ("directions", "false_negative_margin", "distill_weight", "teacher_temperature")}
+    assert abs(contrastive_step(emb, case_batch("margin_d2q_distill_chunked"), **plain).loss
+               - got["margin_d2q_distill_chunked"]["loss"]) > 0.05
     if "mixed_one_and_two_chunks" in cases:
         assert got["mixed_one_and_two_chunks"]["chunks"] == [1, 2]   # the ranks really took different paths
 
