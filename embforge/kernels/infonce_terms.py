@@ -286,30 +286,41 @@ def _launch(seg: _Segment, inv_tau, grad_scale, grad, G):
 # The same epilogue in torch ops (CPU path; also float64). Masked logits are kept from stats to grad.
 # ----------------------------------------------------------------------------------------------------------
 def _stats_torch(seg: _Segment, inv_tau: float) -> torch.Tensor:
+    """Only the rules in use cost a pass over the C x W entries; the self exclusions are one entry per row."""
     C, W = seg.S.shape
     dev = seg.S.device
+    rows, cols = torch.arange(C, device=dev), torch.arange(W, device=dev)
     s = seg.S.mul_(seg.ra[:, None]).mul_(seg.re[None, :])     # cosines, in place
-    cols = torch.arange(W, device=dev)
+    drop = []                                                 # [C, W] or [1, W] masks, OR-ed below
+
     is_doc = cols < seg.n_doc
-    if seg.doc_on and seg.group is not None:
-        keep = is_doc[None, :] & (cols[None, :] >= seg.pos[:, None]) & (cols[None, :] < seg.pos[:, None] + seg.group)
-    elif seg.doc_on:
-        keep = is_doc[None, :].expand(C, W).clone()
-    else:
-        keep = torch.zeros(C, W, dtype=torch.bool, device=dev)
-    if seg.qry_on:
-        keep |= ~is_doc[None, :]
-    keep &= cols[None, :] != seg.ex1[:, None]
-    keep &= cols[None, :] != seg.ex2[:, None]
+    if not seg.doc_on:
+        drop.append(is_doc[None, :])
+    elif seg.group is not None:
+        drop.append(is_doc[None, :] & ((cols[None, :] < seg.pos[:, None])
+                                       | (cols[None, :] >= seg.pos[:, None] + seg.group)))
+    if not seg.qry_on and seg.n_doc < W:
+        drop.append(~is_doc[None, :])
     if seg.cid is not None:
-        keep &= ~((seg.cid[None, :] >= 0) & ((seg.cid[None, :] == seg.pos_id[:, None])
-                                             | (seg.cid[None, :] == seg.q_id[:, None])))
+        known = (seg.cid >= 0)[None, :]
+        drop.append(known & ((seg.cid[None, :] == seg.pos_id[:, None]) | (seg.cid[None, :] == seg.q_id[:, None])))
     if seg.thr is not None:
-        keep &= ~(s > seg.thr[:, None])
-    if seg.has_pos:
-        keep[torch.arange(C, device=dev), seg.pos] = True       # the positive is never dropped
-    seg.logits = (s * inv_tau).masked_fill_(~keep, float("-inf"))
-    del keep
+        drop.append(s > seg.thr[:, None])
+    mask = drop[0].expand(C, W).clone() if drop else None
+    for m in drop[1:]:
+        mask |= m
+    for ex in (seg.ex1, seg.ex2):
+        hit = (ex >= 0) & (ex < W)
+        if bool(hit.any()):
+            if mask is None:
+                mask = torch.zeros(C, W, dtype=torch.bool, device=dev)
+            mask[rows[hit], ex[hit]] = True
+    if mask is not None and seg.has_pos:
+        mask[rows, seg.pos] = False                            # the positive is never dropped
+    seg.logits = s * inv_tau
+    if mask is not None:
+        seg.logits.masked_fill_(mask, float("-inf"))
+    del mask, drop
     return torch.logsumexp(seg.logits, dim=1)
 
 
