@@ -62,16 +62,20 @@ class Options:
     directions: frozenset
     margin: float | None
     in_batch: bool
-    teacher: torch.Tensor | None      # [B_all, G], NaN rows unscored (None: no distillation)
+    teacher: torch.Tensor | None      # [B or B_all, G], NaN rows unscored (validated even at weight 0)
     teacher_temperature: float
     distill_weight: float
     group_size: int | None
 
     @property
+    def distill(self) -> bool:
+        return self.teacher is not None and self.distill_weight > 0
+
+    @property
     def plain(self) -> bool:
         """Nothing the plain kernel cannot do (q2d, optionally q2q via its same-tower candidates)."""
         return ("q2d" in self.directions and self.directions <= {"q2d", "q2q"} and self.margin is None
-                and self.in_batch and self.teacher is None)
+                and self.in_batch and not self.distill)
 
 
 def resolve_options(directions, same_tower, false_negative_margin, in_batch_negatives, teacher_scores,
@@ -109,9 +113,7 @@ def resolve_options(directions, same_tower, false_negative_margin, in_batch_nega
         raise ValueError(f"infonce_loss: group_size must be a positive integer, got {group_size!r}")
     teacher = None
     if teacher_scores is not None:
-        teacher = _check_teacher(teacher_scores)
-        if weight == 0:
-            teacher = None       # a zero-weight term changes nothing: the plain kernel stays usable
+        teacher = _check_teacher(teacher_scores)     # at weight 0 it changes nothing: the plain kernel runs
     return Options(frozenset(dirs), margin, bool(in_batch_negatives), teacher, t_temp, weight, group_size)
 
 
@@ -516,7 +518,7 @@ def terms_loss(q, d, tau_t, opts: Options, *, pos, q_id, cid, tower_queries, tow
         q_id = None
     group_size = _group_size(opts, B, N, pos, default_layout)
     log_pt = distill_row = None
-    if opts.teacher is not None:
+    if opts.distill:
         log_pt, distill_row = _teacher_rows(opts, B, query_offset, dev)
     b_lo = 0 if "d2d" in dirs else N
     b_hi = N + T if "d2q" in dirs else N
@@ -532,9 +534,9 @@ def terms_loss(q, d, tau_t, opts: Options, *, pos, q_id, cid, tower_queries, tow
 
 def _group_size(opts: Options, B, N, pos, default_layout) -> int | None:
     """Query i's group is d[p(i) : p(i) + G]; G from group_size, else the teacher's width, else N // B."""
-    need = (not opts.in_batch) or opts.teacher is not None
+    need = (not opts.in_batch) or opts.distill
     G = opts.group_size
-    if opts.teacher is not None:
+    if opts.distill:
         if G is not None and G != opts.teacher.shape[1]:
             raise ValueError(f"infonce_loss: teacher_scores has {opts.teacher.shape[1]} columns but "
                              f"group_size={G}")
