@@ -2,7 +2,9 @@
 
     python bench/bench_infonce_terms.py [--device cpu|cuda] [--B 2048] [--N 4096] [--H 576] [--budget-mb 64]
 
-Configurations (one fresh subprocess each on CPU, so the RSS high-water mark belongs to it):
+Times: round-robin over the configurations in one process (a shared machine's load hits all alike). Peak
+memory: one fresh subprocess per configuration on CPU, so the RSS high-water mark belongs to it.
+Configurations:
   plain        q2d only (the plain kernel)
   margin       false_negative_margin=0.1 (the terms path with segment A only)
   own-group    in_batch_negatives=False
@@ -16,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +41,8 @@ CONFIGS = {
 }
 
 
-def measure(config: str, B: int, N: int, H: int, budget_mb: float, device: str, reps: int) -> dict:
+def setup(config: str, B: int, N: int, H: int, budget_mb: float, device: str):
+    """Inputs and a forward+backward closure for one configuration."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, H, generator=g).to(dev).requires_grad_()
@@ -52,27 +55,42 @@ def measure(config: str, B: int, N: int, H: int, budget_mb: float, device: str, 
     def run():
         q.grad = d.grad = None
         infonce_loss(q, d, 0.05, backend=backend, memory_budget_mb=budget_mb, **kw).backward()
+    return run, backend
 
-    if dev.type == "cuda":
+
+def peak_memory(config: str, B: int, N: int, H: int, budget_mb: float, device: str) -> float:
+    """MB above the inputs during one forward+backward (CPU: call in a fresh process)."""
+    run, _ = setup(config, B, N, H, budget_mb, device)
+    if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        import gc
-        gc.collect()
-        base = common.current_rss_mb()
-        common.reset_peak_rss()
-    run()
-    if dev.type == "cuda":
+        run()
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = max(0.0, common.peak_rss_mb() - base)
-    t = common.time_fn(run, dev, warmup=0, reps=reps)
-    return {"config": config, "kwargs": json.dumps({k: v for k, v in CONFIGS[config].items()}), "B": B, "N": N,
-            "H": H, "dtype": "float32", "budget_mb": budget_mb, "backend": backend, **t,
-            "peak_mem_mb": round(peak, 1), "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "status": "ok"}
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    import gc
+    gc.collect()
+    base = common.current_rss_mb()
+    common.reset_peak_rss()
+    run()
+    return max(0.0, common.peak_rss_mb() - base)
+
+
+def timings(configs, B, N, H, budget_mb, device, reps) -> dict:
+    """Round-robin over the configurations (rep 1 of each, then rep 2, ...), so that a change in the load of a
+    shared machine hits every configuration alike; one untimed warm-up call each."""
+    runs = {c: setup(c, B, N, H, budget_mb, device)[0] for c in configs}
+    if device == "cuda":
+        return {c: common.time_fn(runs[c], device) for c in configs}
+    for run in runs.values():
+        run()
+    samples = {c: [] for c in configs}
+    for _ in range(reps):
+        for c in configs:
+            t0 = time.perf_counter()
+            runs[c]()
+            samples[c].append((time.perf_counter() - t0) * 1e3)
+    return {c: common.quantiles(samples[c]) for c in configs}
 
 
 def main(argv=None):
@@ -82,32 +100,38 @@ def main(argv=None):
     p.add_argument("--N", type=int, default=4096)
     p.add_argument("--H", type=int, default=576)
     p.add_argument("--budget-mb", type=float, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--append", action="store_true", help="add the rows to an existing CSV (another shape)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(measure(*json.loads(a.one))))
+        print(json.dumps(peak_memory(*json.loads(a.one))))
         return 0
-    rows = []
-    for i, config in enumerate(a.configs):
-        args = [config, a.B, a.N, a.H, a.budget_mb, a.device, a.reps]
+    peaks = {}
+    for config in a.configs:
+        args = [config, a.B, a.N, a.H, a.budget_mb, a.device]
         if a.device == "cuda":
-            row = measure(*args)
-        else:
-            out = subprocess.run([sys.executable, __file__, "--one", json.dumps(args)], capture_output=True,
-                                 text=True, timeout=1800)
-            if out.returncode != 0:
-                err = (out.stderr.strip().splitlines() or ["?"])[-1]
-                row = {"config": config, "B": a.B, "N": a.N, "H": a.H, "status": f"error: {err[:200]}"}
-            else:
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-        row.update(common.env_columns(a.device))
-        rows.append(row)
-        print(f"[{i + 1}/{len(a.configs)}] {config:10s} {row.get('median_ms', float('nan')):9.1f} ms "
-              f"{row.get('peak_mem_mb', float('nan')):8.1f} MB  {row['status']}", file=sys.stderr, flush=True)
+            peaks[config] = peak_memory(*args)
+            continue
+        out = subprocess.run([sys.executable, __file__, "--one", json.dumps(args)], capture_output=True, text=True,
+                             timeout=1800)
+        if out.returncode != 0:
+            raise SystemExit(f"{config}: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        peaks[config] = float(out.stdout.strip().splitlines()[-1])
+    times = timings(a.configs, a.B, a.N, a.H, a.budget_mb, a.device, a.reps)
+    env = common.env_columns(a.device)
+    rows = []
+    for config in a.configs:
+        rows.append({"config": config, "kwargs": json.dumps(CONFIGS[config]), "B": a.B, "N": a.N, "H": a.H,
+                     "dtype": "float32", "budget_mb": a.budget_mb, "backend": "triton" if a.device == "cuda" else
+                     "torch", **times[config], "vs_plain": round(times[config]["median_ms"]
+                                                                 / times.get("plain", times[config])["median_ms"], 2),
+                     "peak_mem_mb": round(peaks[config], 1), "threads": torch.get_num_threads(), "reps": a.reps,
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), **env})
+        print(f"{config:10s} {times[config]['median_ms']:9.1f} ms (p20 {times[config]['p20_ms']:.1f}, p80 "
+              f"{times[config]['p80_ms']:.1f}) {peaks[config]:8.1f} MB", file=sys.stderr, flush=True)
     path = Path(a.out_dir) / f"infonce_terms_{a.device}.csv"
     if a.append and path.exists():
         rows = common.read_csv(path) + rows

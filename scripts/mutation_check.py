@@ -146,7 +146,7 @@ TERMS_TESTS = [f"tests/test_kernels_infonce_terms.py::{t}" for t in (
     "test_matryoshka_with_every_term", "test_rank_slices_sum_to_the_full_loss", "test_gradcheck_float64_with_every_term",
     "test_odd_shapes_everything_on", "test_chunking_gives_the_same_loss_and_gradients")]
 MUTATIONS += [
-    Mutation("terms-margin-flipped", TERMS, "keep &= ~(s > seg.thr[:, None])", "keep &= ~(s < seg.thr[:, None])",
+    Mutation("terms-margin-flipped", TERMS, "drop.append(s > seg.thr[:, None])", "drop.append(s < seg.thr[:, None])",
              TERMS_TESTS, 1, "torch epilogue: drops the negatives BELOW the positive + margin"),
     Mutation("triton-margin-flipped", TERMS, "keep = keep & ~(s > thr)", "keep = keep & ~(s < thr)", TERMS_TESTS, 1,
              "Triton: drops the negatives BELOW the positive + margin"),

@@ -463,6 +463,9 @@ def test_a_rank_with_only_its_own_teacher_rows_is_a_different_mean():
                            **{**kw, "teacher_scores": T[o: o + 4]}) / 2 for o in (0, 4))
     assert rel_err(gathered, full) < 1e-6
     assert rel_err(own, full) > 1e-3
+    # a zero distill_weight with the same gathered call is the plain slice loss (a config with the term off)
+    off = infonce_loss(q[4:], d, 0.1, positive_index=pos(4), query_offset=4, **{**kw, "distill_weight": 0.0})
+    assert rel_err(off, infonce_loss(q[4:], d, 0.1, backend="torch", positive_index=pos(4))) < 1e-7
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -62,16 +62,20 @@ class Options:
     directions: frozenset
     margin: float | None
     in_batch: bool
-    teacher: torch.Tensor | None      # [B_all, G], NaN rows unscored (None: no distillation)
+    teacher: torch.Tensor | None      # [B or B_all, G], NaN rows unscored (validated even at weight 0)
     teacher_temperature: float
     distill_weight: float
     group_size: int | None
 
     @property
+    def distill(self) -> bool:
+        return self.teacher is not None and self.distill_weight > 0
+
+    @property
     def plain(self) -> bool:
         """Nothing the plain kernel cannot do (q2d, optionally q2q via its same-tower candidates)."""
         return ("q2d" in self.directions and self.directions <= {"q2d", "q2q"} and self.margin is None
-                and self.in_batch and self.teacher is None)
+                and self.in_batch and not self.distill)
 
 
 def resolve_options(directions, same_tower, false_negative_margin, in_batch_negatives, teacher_scores,
@@ -109,9 +113,7 @@ def resolve_options(directions, same_tower, false_negative_margin, in_batch_nega
         raise ValueError(f"infonce_loss: group_size must be a positive integer, got {group_size!r}")
     teacher = None
     if teacher_scores is not None:
-        teacher = _check_teacher(teacher_scores)
-        if weight == 0:
-            teacher = None       # a zero-weight term changes nothing: the plain kernel stays usable
+        teacher = _check_teacher(teacher_scores)     # at weight 0 it changes nothing: the plain kernel runs
     return Options(frozenset(dirs), margin, bool(in_batch_negatives), teacher, t_temp, weight, group_size)
 
 
@@ -286,30 +288,41 @@ def _launch(seg: _Segment, inv_tau, grad_scale, grad, G):
 # The same epilogue in torch ops (CPU path; also float64). Masked logits are kept from stats to grad.
 # ----------------------------------------------------------------------------------------------------------
 def _stats_torch(seg: _Segment, inv_tau: float) -> torch.Tensor:
+    """Only the rules in use cost a pass over the C x W entries; the self exclusions are one entry per row."""
     C, W = seg.S.shape
     dev = seg.S.device
+    rows, cols = torch.arange(C, device=dev), torch.arange(W, device=dev)
     s = seg.S.mul_(seg.ra[:, None]).mul_(seg.re[None, :])     # cosines, in place
-    cols = torch.arange(W, device=dev)
+    drop = []                                                 # [C, W] or [1, W] masks, OR-ed below
+
     is_doc = cols < seg.n_doc
-    if seg.doc_on and seg.group is not None:
-        keep = is_doc[None, :] & (cols[None, :] >= seg.pos[:, None]) & (cols[None, :] < seg.pos[:, None] + seg.group)
-    elif seg.doc_on:
-        keep = is_doc[None, :].expand(C, W).clone()
-    else:
-        keep = torch.zeros(C, W, dtype=torch.bool, device=dev)
-    if seg.qry_on:
-        keep |= ~is_doc[None, :]
-    keep &= cols[None, :] != seg.ex1[:, None]
-    keep &= cols[None, :] != seg.ex2[:, None]
+    if not seg.doc_on:
+        drop.append(is_doc[None, :])
+    elif seg.group is not None:
+        drop.append(is_doc[None, :] & ((cols[None, :] < seg.pos[:, None])
+                                       | (cols[None, :] >= seg.pos[:, None] + seg.group)))
+    if not seg.qry_on and seg.n_doc < W:
+        drop.append(~is_doc[None, :])
     if seg.cid is not None:
-        keep &= ~((seg.cid[None, :] >= 0) & ((seg.cid[None, :] == seg.pos_id[:, None])
-                                             | (seg.cid[None, :] == seg.q_id[:, None])))
+        known = (seg.cid >= 0)[None, :]
+        drop.append(known & ((seg.cid[None, :] == seg.pos_id[:, None]) | (seg.cid[None, :] == seg.q_id[:, None])))
     if seg.thr is not None:
-        keep &= ~(s > seg.thr[:, None])
-    if seg.has_pos:
-        keep[torch.arange(C, device=dev), seg.pos] = True       # the positive is never dropped
-    seg.logits = (s * inv_tau).masked_fill_(~keep, float("-inf"))
-    del keep
+        drop.append(s > seg.thr[:, None])
+    mask = drop[0].expand(C, W).clone() if drop else None
+    for m in drop[1:]:
+        mask |= m
+    for ex in (seg.ex1, seg.ex2):
+        hit = (ex >= 0) & (ex < W)
+        if bool(hit.any()):
+            if mask is None:
+                mask = torch.zeros(C, W, dtype=torch.bool, device=dev)
+            mask[rows[hit], ex[hit]] = True
+    if mask is not None and seg.has_pos:
+        mask[rows, seg.pos] = False                            # the positive is never dropped
+    seg.logits = s * inv_tau
+    if mask is not None:
+        seg.logits.masked_fill_(mask, float("-inf"))
+    del mask, drop
     return torch.logsumexp(seg.logits, dim=1)
 
 
@@ -505,7 +518,7 @@ def terms_loss(q, d, tau_t, opts: Options, *, pos, q_id, cid, tower_queries, tow
         q_id = None
     group_size = _group_size(opts, B, N, pos, default_layout)
     log_pt = distill_row = None
-    if opts.teacher is not None:
+    if opts.distill:
         log_pt, distill_row = _teacher_rows(opts, B, query_offset, dev)
     b_lo = 0 if "d2d" in dirs else N
     b_hi = N + T if "d2q" in dirs else N
@@ -521,9 +534,9 @@ def terms_loss(q, d, tau_t, opts: Options, *, pos, q_id, cid, tower_queries, tow
 
 def _group_size(opts: Options, B, N, pos, default_layout) -> int | None:
     """Query i's group is d[p(i) : p(i) + G]; G from group_size, else the teacher's width, else N // B."""
-    need = (not opts.in_batch) or opts.teacher is not None
+    need = (not opts.in_batch) or opts.distill
     G = opts.group_size
-    if opts.teacher is not None:
+    if opts.distill:
         if G is not None and G != opts.teacher.shape[1]:
             raise ValueError(f"infonce_loss: teacher_scores has {opts.teacher.shape[1]} columns but "
                              f"group_size={G}")
