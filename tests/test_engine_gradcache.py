@@ -492,7 +492,7 @@ def test_train_config_loss_keys_validated_and_passed_through(tmp_path):
     cfg = load_config(TrainConfig, None, overrides)
     result = run_training(cfg, progress=False)
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert rec["chunks"] > 1
+    assert rec["chunks"] > 1 and rec["packed"]       # packing on (auto), several GradCache chunks
     torch.manual_seed(cfg.seed)
     e = Embedder.from_config(cfg.model, torch.device("cpu"))
     e.model.train()
