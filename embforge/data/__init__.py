@@ -1,0 +1,1 @@
+"""Training data: the record reader, the multi-dataset sampler (mixture.py)."""
