@@ -1,9 +1,27 @@
-"""`embforge train | encode | export`."""
+"""`embforge train | encode | export`, and `run_training`: the trainer wired to its data and its evaluation."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+
+def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """`embforge train` as a function: the TrainConfig's JSONL files (embforge/data) as the batch source, retrieval
+    on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train. Returns train's result."""
+    from embforge.data.batches import ExampleBatches
+    from embforge.engine.train import train
+
+    batches = ExampleBatches(cfg.data.train, queries=cfg.batch.queries, negatives=cfg.batch.negatives, seed=cfg.seed,
+                             skip_bad_lines=cfg.data.skip_bad_lines)
+    evaluate = None
+    if cfg.eval.data:
+        from embforge.eval.training import evaluate as evaluate_retrieval
+
+        def evaluate(embedder, step: int) -> dict:
+            return evaluate_retrieval(embedder, cfg.eval.data, cfg.output_dir, step, instruction=cfg.eval.instruction,
+                                      max_queries=cfg.eval.max_queries)
+    return train(cfg, batches, evaluate=evaluate, resume=resume, progress=progress, stop_after=stop_after)
 
 
 def add_parser(subparsers) -> None:
@@ -43,10 +61,9 @@ def add_parser(subparsers) -> None:
 
 def cmd_train(args) -> int:
     from embforge.config import ConfigError, load_config
-    from embforge.engine.data import DataError
-    from embforge.engine.train import TrainConfig, train
-
+    from embforge.data.records import DataError
     from embforge.engine.distributed import check_launch, launched_by_torchrun
+    from embforge.engine.train import TrainConfig
 
     overrides = list(args.set) + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
     try:
@@ -58,7 +75,7 @@ def cmd_train(args) -> int:
                 raise ValueError("--nproc inside torchrun: drop one of them")
             check_launch(cfg, args.nproc)        # refuse before starting N processes
             return _run_torchrun(args)
-        result = train(cfg, resume=args.resume)
+        result = run_training(cfg, resume=args.resume)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"embforge train: error: {e}", file=sys.stderr)
         return 2
@@ -91,17 +108,14 @@ def _leave_process_group():
 
 def _read_texts(args) -> list[str]:
     texts = list(args.texts)
-    if args.file:
-        for n, line in enumerate(Path(args.file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if args.file.endswith(".jsonl"):
-                rec = json.loads(line)
-                if "text" not in rec:
-                    raise ValueError(f"{args.file}:{n}: missing field 'text'")
-                texts.append(rec["text"])
-            else:
-                texts.append(line)
+    if args.file and args.file.endswith(".jsonl"):
+        from embforge.common import read_jsonl
+        for n, rec in read_jsonl(args.file):
+            if "text" not in rec:
+                raise ValueError(f"{args.file}:{n}: missing field 'text'")
+            texts.append(rec["text"])
+    elif args.file:
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
     if not texts:
         raise ValueError("no texts given (positional texts or --file)")
     return texts
@@ -110,7 +124,7 @@ def _read_texts(args) -> list[str]:
 def cmd_encode(args) -> int:
     import torch
 
-    from embforge.engine.model import Embedder
+    from embforge.engine import Embedder
     try:
         texts = _read_texts(args)
         emb = Embedder.from_pretrained(args.model)
