@@ -7,25 +7,15 @@ import os
 import pickle
 import socket
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
 from embforge.config import ConfigError, load_config
-from embforge.data.mixture import DatasetSpec, MixtureSampler, open_mixture, resolve
-from embforge.engine.data import ExampleFile, batch_at
-
-
-@dataclass
-class _Data:
-    train: list[str | DatasetSpec] = field(default_factory=list)
-
-
-@dataclass
-class _Cfg:
-    data: _Data = field(default_factory=_Data)
+from embforge.data.mixture import open_mixture, resolve
+from embforge.data.records import ExampleFile, batch_at
+from embforge.engine.train import DatasetSpec, TrainConfig
 
 
 def write(path: Path, records) -> str:
@@ -63,7 +53,7 @@ def test_yaml_maps_paths_and_mappings_onto_specs(tmp_path, two):
     y = tmp_path / "c.yaml"
     y.write_text(f"data:\n  train:\n    - {a}\n    - {{path: {b}, name: bee, weight: 3, instruction: Find it., "
                  "negatives: 0, in_batch_negatives: false}\n")
-    cfg = load_config(_Cfg, y)
+    cfg = load_config(TrainConfig, y)
     assert cfg.data.train[0] == a
     assert cfg.data.train[1] == DatasetSpec(b, "bee", 3.0, "Find it.", 0, False)
     ds = resolve(cfg.data.train)
@@ -82,7 +72,7 @@ def test_bad_specs_name_the_key(tmp_path, two, entry, message):
     y = tmp_path / "c.yaml"
     y.write_text(f"data:\n  train:\n    - {two[0]}\n    - {entry.replace('P', two[1])}\n")
     with pytest.raises(ConfigError, match=message):
-        load_config(_Cfg, y)
+        load_config(TrainConfig, y)
 
 
 def test_missing_files_empty_globs_and_clashing_names_name_the_key(tmp_path, two):
@@ -239,11 +229,11 @@ def _fingerprints(batches):
 def _rank_worker(rank, world_size, port, paths, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from embforge.engine.distributed import DistributedConfig, init_distributed, shard_batch
-    from embforge.engine.train import to_batch
+    from embforge.engine.batch import shard_batch, to_batch
+    from embforge.engine.distributed import DistributedConfig, init_distributed
     dist_, _ = init_distributed(DistributedConfig(timeout_s=60), "cpu")
     batches, _ = run(open_mixture(paths, queries=6, negatives=1, seed=4), 25)
-    local = [shard_batch(to_batch(b.examples, b.negatives, 0), dist_).queries for b in batches]
+    local = [shard_batch(to_batch(b.examples, b.negatives), dist_).queries for b in batches]
     every = dist_.gather_objects({"batches": _fingerprints(batches), "local": local})
     if rank == 0:
         Path(out).write_bytes(pickle.dumps(every))
@@ -263,3 +253,75 @@ def test_every_rank_takes_the_same_global_batch_and_its_slice(tmp_path, world_si
         assert r["batches"] == _fingerprints(want)
     for step, b in enumerate(want):     # the ranks' slices, in rank order, are the global batch
         assert sum((r["local"][step] for r in every), []) == [ex.query for ex in b.examples]
+
+
+# ------------------------------------------------------------------------------------------------ a training run
+def _train_cfg(tmp_path, out, steps):
+    import yaml
+    alpha = write(tmp_path / "alpha.jsonl", records("alpha", 24))
+    beta = write(tmp_path / "beta.jsonl", records("beta", 24))
+    y = tmp_path / "mix.yaml"
+    y.write_text(yaml.safe_dump({
+        "model": {"path": "tiny-llama", "lora": {"dropout": 0.1}},
+        "data": {"train": [{"path": alpha, "weight": 3, "instruction": "Inst alpha."},
+                           {"path": beta, "weight": 1, "instruction": "Inst beta.", "negatives": 2}]},
+        "batch": {"queries": 6, "negatives": 1, "chunk_tokens": 64},
+        "optim": {"warmup_steps": 1}, "steps": steps, "output_dir": str(out), "checkpoint_every": 0,
+        "device": "cpu", "seed": 1}))
+    return load_config(TrainConfig, y)
+
+
+@pytest.mark.slow
+def test_two_dataset_training_run_is_homogeneous_applies_settings_and_resumes_exactly(tmp_path, monkeypatch):
+    import embforge.engine.train as engine_train
+    from embforge.cli.train import run_training
+    seen = []
+    real_step = engine_train.contrastive_step
+
+    def spy(embedder, batch, **kw):
+        seen.append((batch.dataset, {q.split()[0] for q in batch.queries}, set(batch.instructions),
+                     len(batch.documents) // len(batch.queries)))
+        return real_step(embedder, batch, **kw)
+    monkeypatch.setattr(engine_train, "contrastive_step", spy)
+
+    steps = 8
+    full = run_training(_train_cfg(tmp_path, tmp_path / "full", steps), progress=False)
+    assert len(seen) == steps
+    for dataset, sources, instructions, group in seen:           # homogeneous, settings of its own dataset
+        assert sources == {dataset} and instructions == {f"Inst {dataset}."}
+        assert group == (3 if dataset == "beta" else 2)             # beta: negatives 2; alpha: batch.negatives 1
+    chosen = [d for d, *_ in seen]
+    assert set(chosen) == {"alpha", "beta"}
+    # the run's datasets are the sampler's draws (whose 3:1 shares test_weights_give_the_empirical_shares checks)
+    sampler = open_mixture(_train_cfg(tmp_path, tmp_path / "x", steps).data.train, queries=6, negatives=1, seed=1)
+    assert chosen == [sampler.choose(s).name for s in range(steps)]
+    lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dataset"] for r in lines] == chosen
+    counts = Counter(chosen)
+    assert {k: v["steps"] for k, v in full["datasets"].items()} == counts
+    for name in counts:
+        mean = sum(l for l, d in zip(full["losses"], chosen) if d == name) / counts[name]
+        assert full["datasets"][name]["mean_loss"] == pytest.approx(mean, rel=1e-9)
+
+    # killed after 3 steps (the checkpoint a signal writes), resumed: the same datasets and losses, step for step
+    part = run_training(_train_cfg(tmp_path, tmp_path / "part", steps), progress=False, stop_after=3)
+    assert part["stopped_at"] == 3
+    resumed = run_training(_train_cfg(tmp_path, tmp_path / "part", steps), resume=True, progress=False)
+    assert resumed["losses"] == full["losses"] and len(set(full["losses"])) > 1
+    assert resumed["datasets"] == full["datasets"]
+    lines = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dataset"] for r in lines] == chosen
+
+
+def test_in_batch_negatives_off_is_refused_while_the_step_lacks_it(tmp_path):
+    import inspect
+
+    from embforge.cli.train import run_training
+    from embforge.engine.gradcache import contrastive_step
+    if "in_batch_negatives" in inspect.signature(contrastive_step).parameters:
+        pytest.skip("contrastive_step supports in_batch_negatives: the loss tests cover it")
+    cfg = _train_cfg(tmp_path, tmp_path / "r", 1)
+    cfg.data.train[1].in_batch_negatives = False
+    with pytest.raises(ConfigError, match=r"^data.train\[1\].in_batch_negatives: false is not supported by this "):
+        run_training(cfg, progress=False)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -22,38 +22,17 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import glob
-import math
 import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from embforge.config import ConfigError
-from embforge.engine.data import Example, ExampleFile, epoch_order
+from embforge.data.records import Example, ExampleFile, epoch_order
+from embforge.engine.train import DatasetSpec
 
 SAMPLING = ("homogeneous", "mixed")
 LOOKAHEAD = 4    # a homogeneous batch of B queries looks at most 4*B candidates for distinct texts
-
-
-@dataclass
-class DatasetSpec:
-    """One `data.train` mapping entry (a bare path string is DatasetSpec(path=...))."""
-    path: str
-    name: str | None = None
-    weight: float | None = None            # None: the dataset's size (proportional sampling)
-    instruction: str | None = None         # applied to records that carry none
-    negatives: int | None = None           # None: batch.negatives
-    in_batch_negatives: bool = True        # false: each query sees only its own positive and hard negatives
-
-    def validate(self):
-        if not self.path.strip():
-            raise ConfigError("path: must not be empty")
-        if self.name is not None and not self.name.strip():
-            raise ConfigError("name: must not be empty")
-        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
-            raise ConfigError(f"weight: must be a number > 0, got {self.weight}")
-        if self.negatives is not None and self.negatives < 0:
-            raise ConfigError(f"negatives: must be >= 0, got {self.negatives}")
 
 
 @dataclass
