@@ -71,7 +71,7 @@ def expand_path(path: str, key: str) -> list[Path]:
         return files
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
+        files = sorted(f for f in p.glob("*.jsonl") if f.is_file())
         if not files:
             raise ConfigError(f"{key}: directory {path} holds no *.jsonl files")
         return files
