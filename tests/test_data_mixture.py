@@ -256,18 +256,18 @@ def test_every_rank_takes_the_same_global_batch_and_its_slice(tmp_path, world_si
 
 
 # ------------------------------------------------------------------------------------------------ a training run
-def _train_cfg(tmp_path, out, steps):
+def _train_cfg(tmp_path, out, steps, dropout=0.1, seed=1):
     import yaml
     alpha = write(tmp_path / "alpha.jsonl", records("alpha", 24))
     beta = write(tmp_path / "beta.jsonl", records("beta", 24))
     y = tmp_path / "mix.yaml"
     y.write_text(yaml.safe_dump({
-        "model": {"path": "tiny-llama", "lora": {"dropout": 0.1}},
+        "model": {"path": "tiny-llama", "lora": {"dropout": dropout}},
         "data": {"train": [{"path": alpha, "weight": 3, "instruction": "Inst alpha."},
                            {"path": beta, "weight": 1, "instruction": "Inst beta.", "negatives": 2}]},
         "batch": {"queries": 6, "negatives": 1, "chunk_tokens": 64},
         "optim": {"warmup_steps": 1}, "steps": steps, "output_dir": str(out), "checkpoint_every": 0,
-        "device": "cpu", "seed": 1}))
+        "device": "cpu", "seed": seed, "distributed": {"timeout_s": 60}}))
     return load_config(TrainConfig, y)
 
 
@@ -325,3 +325,27 @@ def test_in_batch_negatives_off_is_refused_while_the_step_lacks_it(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.train\[1\].in_batch_negatives: false is not supported by this "):
         run_training(cfg, progress=False)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_the_same_datasets_and_losses_as_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    from embforge.cli.train import run_training
+    # seed 5 draws alpha, beta, beta, alpha (4 steps)
+    one = run_training(_train_cfg(tmp_path, tmp_path / "one", 4, dropout=0.0, seed=5), progress=False)
+    _train_cfg(tmp_path, tmp_path / "two", 4, dropout=0.0, seed=5)    # rewrites mix.yaml for the 2-rank run
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "embforge", "train", "--nproc", "2", "--config",
+                        str(tmp_path / "mix.yaml")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads(r.stdout[r.stdout.index("{"):])
+    m1, m2 = ([json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("one", "two"))
+    assert [m["dataset"] for m in m2] == [m["dataset"] for m in m1] and all(m["world_size"] == 2 for m in m2)
+    assert len({m["dataset"] for m in m1}) == 2
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert {k: v["steps"] for k, v in two["datasets"].items()} == {k: v["steps"] for k, v in one["datasets"].items()}
