@@ -172,7 +172,8 @@ def test_a_dataset_smaller_than_the_batch_says_so_once(tmp_path, two):
 
 def test_per_dataset_instruction_negatives_and_in_batch_flag(tmp_path):
     own = [{"query": f"a own query {i}", "positive": f"a own passage {i}", "instruction": "Own."} for i in range(5)]
-    a = write(tmp_path / "a.jsonl", own + records("a", 5, negatives=["x", "y"]))
+    sts = [{"S1": f"a sts left {i}", "S2": f"a sts right {i}"} for i in range(2)]   # the reader's STS default loses
+    a = write(tmp_path / "a.jsonl", own + records("a", 5, negatives=["x", "y"]) + sts)
     b = write(tmp_path / "b.jsonl", records("b", 10))
     s = open_mixture([DatasetSpec(a, instruction="Inst A."), DatasetSpec(b, negatives=0, in_batch_negatives=False)],
                      queries=4, negatives=2, seed=0)
@@ -180,6 +181,8 @@ def test_per_dataset_instruction_negatives_and_in_batch_flag(tmp_path):
     got_a = [ex for bt in batches if bt.dataset == "a" for ex in bt.examples]
     assert {ex.instruction for ex in got_a} == {"Own.", "Inst A."}   # records that carry one keep it
     assert all(ex.instruction == "Own." for ex in got_a if ex.query in {r["query"] for r in own})
+    assert {ex.instruction for ex in got_a if " sts " in ex.query} == {"Inst A."}
+    assert resolve([b])[0].data[0].instruction is None                # no dataset instruction: none given
     assert all((bt.negatives, bt.in_batch_negatives) == ((2, True) if bt.dataset == "a" else (0, False))
                for bt in batches)
     assert all(ex.instruction is None for bt in batches if bt.dataset == "b" for ex in bt.examples)

@@ -20,7 +20,6 @@ computes the same global batch from the same position, and a resume after kill -
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import glob
 import random
 import zlib
@@ -37,7 +36,8 @@ LOOKAHEAD = 4    # a homogeneous batch of B queries looks at most 4*B candidates
 
 @dataclass
 class Dataset:
-    """A resolved spec: its files indexed, its defaults filled in."""
+    """A resolved spec: its files indexed (reading records with its instruction as their default), its defaults
+    filled in."""
     name: str
     data: ExampleFile
     weight: float
@@ -49,7 +49,8 @@ class Dataset:
 
 @dataclass
 class MixtureBatch:
-    """One global batch: its examples (dataset instruction applied) and the settings the step uses for it."""
+    """One global batch: its examples (records without an instruction got their dataset's) and the settings the step
+    uses for it."""
     dataset: str                           # the dataset's name; "mixed" for a mixed batch of several datasets
     examples: list[Example]
     negatives: int
@@ -107,7 +108,7 @@ def resolve(entries, *, skip_bad_lines: bool = False) -> list[Dataset]:
             raise ConfigError(f"{key}.name: {name!r} is already data.train[{names[name]}]'s name; give each dataset "
                               "its own name")
         names[name] = i
-        data = ExampleFile(files, skip_bad_lines=skip_bad_lines)
+        data = ExampleFile(files, skip_bad_lines=skip_bad_lines, instruction=spec.instruction)
         out.append(Dataset(name, data, spec.weight if spec.weight is not None else float(len(data)),
                            spec.instruction, spec.negatives, spec.in_batch_negatives, key))
     return out
@@ -147,10 +148,6 @@ class _Concat:
     def locate(self, i: int) -> tuple[Dataset, int]:
         k = bisect.bisect_right(self.starts, i) - 1
         return self.datasets[k], i - self.starts[k]
-
-
-def _with_instruction(ex: Example, instruction: str | None) -> Example:
-    return dataclasses.replace(ex, instruction=instruction) if instruction and ex.instruction is None else ex
 
 
 # ------------------------------------------------------------------------------------------------ the sampler
@@ -229,7 +226,7 @@ class MixtureSampler:
         examples, positions = [], []
         for p in range(position, position + self.queries):
             d, row = self._all.locate(self._stream.row(p))
-            examples.append(_with_instruction(d.data[row], d.instruction))
+            examples.append(d.data[row])
             positions.append(p)
         only = self.datasets[0] if len(self.datasets) == 1 else None
         batch = MixtureBatch(only.name if only else "mixed", examples,
@@ -249,7 +246,7 @@ class MixtureSampler:
         state = position["streams"].get(d.name, {"position": 0, "deferred": []})
         positions, state = self._take_distinct(d, state)
         stream = self._streams[d.name]
-        examples = [_with_instruction(d.data[stream.row(p)], d.instruction) for p in positions]
+        examples = [d.data[stream.row(p)] for p in positions]
         streams = dict(position["streams"])
         streams[d.name] = state
         batch = MixtureBatch(d.name, examples, self.negatives if d.negatives is None else d.negatives,
