@@ -12,6 +12,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 CONFIG=${CONFIG:-configs/cpu-demo.yaml}
 RUN=${RUN:-runs/demo}
 rm -rf "$RUN/train" "$RUN/export" "$RUN"/eval_*.json
+rm -f "$RUN"/data/*.jsonl "$RUN"/mined/*.jsonl    # this run's sources only (mining caches in mined/*.parts stay)
 mkdir -p "$RUN"
 : > "$RUN/stages.tsv"
 stage() {  # stage NAME CMD...: run, time, and record it
@@ -20,22 +21,24 @@ stage() {  # stage NAME CMD...: run, time, and record it
   printf '%s\t%s\n' "$name" "$((SECONDS - t0))" >> "$RUN/stages.tsv"
 }
 
-echo "== 1/6 training data: real offline text, capped per source so no source dominates"
-stage data embforge data build-demo --out "$RUN/train.jsonl" --cap-per-source "${CAP:-1200}"
+echo "== 1/6 training data: real offline text, one dataset per source, capped so no source dominates"
+stage data embforge data build-demo --out-dir "$RUN/data" --cap-per-source "${CAP:-1200}"
 
 # The demo mines with the lexical hashing encoder (17 s of CPU for 3.6k records); all-MiniLM-L6-v2 gives
 # semantic negatives but costs minutes on 2 cores: MINER=minilm (configs/cpu-quality.yaml's run uses it).
 MINER=${MINER:-hashing}
-echo "== 2/6 mine: hard negatives (ranks 10-100, margin 0.95 x positive score) with $MINER"
-stage mine embforge mine --data "$RUN/train.jsonl" --out "$RUN/train.mined.jsonl" --model "$MINER" \
+echo "== 2/6 mine: hard negatives (ranks 10-100, margin 0.95 x positive score) with $MINER, each source on its own"
+stage mine embforge mine --data "$RUN/data" --out "$RUN/mined" --model "$MINER" \
   --ranks 10-100 --negatives 1 --margin 0.95 $([ "$MINER" = hashing ] || echo --max-seq-length 64)
+# the datasets the config trains from: the sources this machine had (a skipped source has no file)
+DATASETS=$(for f in "$RUN"/mined/*.jsonl; do printf '{path: %s, name: %s}, ' "$f" "$(basename "$f" .jsonl)"; done)
 
 echo "== 3/6 eval: untrained base and all-MiniLM-L6-v2 on the held-out sets"
 stage eval_base embforge eval heldout --model "base:$CONFIG" --out "$RUN/eval_base.json"
 stage eval_minilm embforge eval heldout --model minilm --out "$RUN/eval_minilm.json"
 
 echo "== 4/6 train: GradCache + LoRA ($CONFIG)"
-stage train bash -c "embforge train --config $CONFIG --set 'data.train=[$RUN/train.mined.jsonl]' \
+stage train bash -c "embforge train --config $CONFIG --set 'data.train=[${DATASETS%, }]' \
   --set output_dir=$RUN/train > $RUN/train_result.json"
 
 echo "== 5/6 eval: the trained model"

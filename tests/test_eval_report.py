@@ -28,6 +28,11 @@ def test_report_reads_the_run(tmp_path):
     assert "gap closed on GCIDE retrieval: 50%" in text        # (0.22 - 0.02) / (0.42 - 0.02)
     assert "4.000 -> 3.000" in text                # mean of first 3 (5,4,3) and last 3 (4,3,2) losses
     assert "median step 12.0 s" in text and "16 GradCache chunks" in text
+    assert "Per dataset" not in text                # metrics without dataset names: no such line
+    for i, s in enumerate(steps):                   # a mixture run names each step's dataset
+        s["dataset"] = "b" if i == 1 else "a"
+    (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    assert "Per dataset (steps, mean loss): a 3 (3.333), b 1 (4.000)." in report(tmp_path)   # a: (5+3+2)/3
 
 
 def test_report_without_evals_says_so(tmp_path):

@@ -136,6 +136,18 @@ def _synth_section(run: Path) -> list[str]:
     return lines
 
 
+def _per_dataset(steps: list[dict]) -> list[str]:
+    """"Per dataset (steps, mean loss): a 12 (0.812), b 4 (1.020)." from metrics.jsonl's `dataset` field."""
+    seen: dict[str, list[float]] = {}
+    for s in steps:
+        if "dataset" in s:
+            seen.setdefault(s["dataset"], []).append(s["loss"])
+    if not seen:
+        return []
+    return ["Per dataset (steps, mean loss): " + ", ".join(f"{name} {len(v)} ({sum(v) / len(v):.3f})"
+                                                          for name, v in seen.items()) + ".", ""]
+
+
 def report(run_dir: str | Path) -> str:
     import os
 
@@ -166,6 +178,7 @@ def report(run_dir: str | Path) -> str:
         "",
         "Loss per step: " + ", ".join(f"{x:.3f}" for x in losses),
         "",
+        *_per_dataset(steps),
         "Held-out evaluation (none of these sets is trained on), side by side:",
         "",
         *_side_by_side(run),
