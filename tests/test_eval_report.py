@@ -65,9 +65,10 @@ def test_report_shows_the_synthetic_stage(tmp_path):
     (tmp_path / "stages.tsv").write_text("synth\t60\n")
     (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
         {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
-    (tmp_path / "synth.report.json").write_text(json.dumps({"model": "smollm2-135m-instruct", "example_outcomes": {
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "synth.report.json").write_text(json.dumps({"model": "smollm2-135m-instruct", "example_outcomes": {
         "accepted:ok": 3, "rejected:field_too_short:positive": 2, "rejected:placeholder:query": 1}}))
-    (tmp_path / "synth.jsonl").write_text(json.dumps(
+    (tmp_path / "synth" / "synth.jsonl").write_text(json.dumps(
         {"instruction": "Find the recipe", "query": "bread", "positive": "Mix flour and water.",
          "negatives": ["Paint the fence."]}) + "\n")
     text = report(tmp_path)

@@ -117,7 +117,7 @@ def _side_by_side(run: Path) -> list[str]:
 
 def _synth_section(run: Path) -> list[str]:
     """The E5 path in the demo: what the local LLM wrote, what validation kept, and one kept example."""
-    report_file, data_file = run / "synth.report.json", run / "synth.jsonl"
+    report_file, data_file = run / "synth" / "synth.report.json", run / "synth" / "synth.jsonl"
     if not report_file.exists():
         return []
     rep = json.loads(report_file.read_text())
