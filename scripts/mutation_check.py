@@ -29,6 +29,7 @@ GRADCACHE = "embforge/engine/gradcache.py"
 TRAIN = "embforge/engine/train.py"
 TEMPERATURE = "embforge/engine/temperature.py"
 CHECKPOINT = "embforge/engine/checkpoint.py"
+MIXTURE = "embforge/data/mixture.py"
 
 # Test sets (pytest node ids, run in the copy). Kept to the tests that target the mutated code.
 # Feature tests first (pytest runs node ids in the order given, and -x stops at the first failure), then the grids.
@@ -47,6 +48,10 @@ TRAIN_CONFIG_TESTS = ["tests/test_engine_gradcache.py::test_train_config_passes_
 LEARN_TAU_TESTS = ["tests/test_engine_train.py::test_learnable_temperature_trains_and_is_restored_on_resume"]
 SIGNAL_TESTS = ["tests/test_engine_train.py::test_sigint_checkpoints_after_the_current_step_and_resume_continues"]
 PRUNE_TESTS = ["tests/test_engine_train.py::test_save_checkpoint_keeps_the_last_two_in_step_order"]
+MIXTURE_TESTS = [f"tests/test_data_mixture.py::{t}" for t in (
+    "test_weights_give_the_empirical_shares", "test_homogeneous_batches_come_from_one_dataset_mixed_ones_do_not",
+    "test_no_duplicate_texts_in_a_batch_and_skipped_examples_come_later",
+    "test_resume_from_a_saved_position_continues_exactly")]
 
 
 @dataclass
@@ -134,6 +139,15 @@ MUTATIONS = [
              PRUNE_TESTS, 1, "prunes to keep+1 checkpoints"),
     Mutation("train-signal-ignored", TRAIN, "self.flag = True", "self.flag = False", SIGNAL_TESTS, 1,
              "SIGINT/SIGTERM no longer stop and checkpoint"),
+    Mutation("mixture-weights-ignored", MIXTURE, "self._cumulative = [sum(d.weight for d in datasets[:k + 1]) / total",
+             "self._cumulative = [(k + 1) / len(datasets)", MIXTURE_TESTS, 1, "datasets drawn uniformly, not by weight"),
+    Mutation("mixture-duplicates-kept", MIXTURE, "if ex.query in seen or ex.positive in seen:", "if False:",
+             MIXTURE_TESTS, 1, "a homogeneous batch may repeat a query or positive text"),
+    Mutation("mixture-deferred-dropped", MIXTURE, "left = sorted(deferred + pending[scanned:])",
+             "left = sorted(pending[scanned:])", MIXTURE_TESTS, 1, "a skipped duplicate is dropped from the epoch"),
+    Mutation("mixture-unseeded-draw", MIXTURE, 'random.Random(f"embforge-mixture:{self.seed}:{step}").random()',
+             "random.random()", MIXTURE_TESTS, 1,
+             "each process draws its own dataset per step (ranks and resumes disagree)"),
     Mutation("train-tau-weight-decay", TEMPERATURE, '"weight_decay": 0.0}', '"weight_decay": 0.1}',
              LEARN_TAU_TESTS, 1, "weight decay (the test config's 0.1) pulls the learnable temperature toward 1"),
 ]

@@ -52,7 +52,8 @@ def text_ids(queries: list[str], documents: list[str]) -> tuple[torch.Tensor, to
     return torch.tensor(q, dtype=torch.long), torch.tensor(d, dtype=torch.long)
 
 
-def to_batch(examples, negatives: int) -> ContrastiveBatch:
+def to_batch(examples, negatives: int, *, dataset: str | None = None,
+             in_batch_negatives: bool = True) -> ContrastiveBatch:
     """Grouped layout from training examples (anything with .query, .instruction, .positive, .negatives): each
     query owns [positive, K hard negatives]; short lists are filled with other examples' positives (still valid
     negatives, and the duplicate-text masking guards accidental matches).
@@ -76,7 +77,7 @@ def to_batch(examples, negatives: int) -> ContrastiveBatch:
         teacher = torch.tensor([r if r is not None else [float("nan")] * (1 + negatives) for r in rows],
                                dtype=torch.float32)
     return ContrastiveBatch([e.query for e in examples], [e.instruction for e in examples], docs,
-                            teacher_scores=teacher)
+                            dataset=dataset, in_batch_negatives=in_batch_negatives, teacher_scores=teacher)
 
 
 def shard_batch(batch: ContrastiveBatch, dist_) -> ContrastiveBatch:
