@@ -428,6 +428,10 @@ def test_batch_without_scored_rows_or_weight_skips_distillation():
     own = contrastive_step(e, b, temperature=TAU, chunk_tokens=10**6, in_batch_negatives=False).loss
     flagged = ContrastiveBatch(b.queries, b.instructions, b.documents, in_batch_negatives=False)
     assert own < plain - 0.1 and contrastive_step(e, flagged, temperature=TAU, chunk_tokens=10**6).loss == own
+    # the GTE directions are in-batch terms too: a flagged batch keeps its own group (q2d) with them configured
+    gte = dict(directions=["q2d", "d2q", "d2d"], same_tower=True)
+    assert contrastive_step(e, b, temperature=TAU, chunk_tokens=10**6, **gte).loss > plain + 0.1
+    assert contrastive_step(e, flagged, temperature=TAU, chunk_tokens=10**6, **gte).loss == own
     take_grads(e)
 
 

@@ -156,8 +156,8 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
 
     directions / false_negative_margin / in_batch_negatives / teacher_temperature / distill_weight: infonce_loss's
     options (kernels/infonce_terms.py defines each term). in_batch_negatives is also off when the batch says so
-    (batch.in_batch_negatives); the teacher scores are the batch's (batch.teacher_scores, NaN rows unscored), used
-    when distill_weight > 0.
+    (batch.in_batch_negatives), and then only q2d is used (the other directions are in-batch terms). The teacher
+    scores are the batch's (batch.teacher_scores, NaN rows unscored), used when distill_weight > 0.
 
     dist: a distributed.Dist with a process group, to train on N ranks (the embedder then a WrappedEmbedder and the
     batch this rank's slice with global ids, see batch.shard_batch); result.loss is then the global loss.
@@ -190,11 +190,15 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
                          "(ContrastiveBatch.query_ids/doc_ids, as batch.shard_batch sets them)")
     else:
         qid, did = text_ids(batch.queries, batch.documents)
+    in_batch = bool(in_batch_negatives and batch.in_batch_negatives)
+    if not in_batch:
+        # Own group only: the other directions score other queries / candidates, i.e. in-batch negatives, so a batch
+        # that turns them off (a dataset's in_batch_negatives: false) keeps q2d alone.
+        directions, same_tower = ("q2d",), False
     loss_kw = dict(query_ids=qid.to(dev), doc_ids=did.to(dev), same_tower=same_tower,
                    matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=loss_backend,
                    directions=tuple(directions), false_negative_margin=false_negative_margin,
-                   in_batch_negatives=bool(in_batch_negatives and batch.in_batch_negatives),
-                   teacher_temperature=teacher_temperature)
+                   in_batch_negatives=in_batch, teacher_temperature=teacher_temperature)
     if distill_weight and batch.teacher_scores is not None:
         loss_kw.update(teacher_scores=batch.teacher_scores.to(dev), distill_weight=distill_weight)
     chunks = _equal_chunk_count(chunks, embedder, dist)
