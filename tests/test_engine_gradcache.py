@@ -298,7 +298,9 @@ def test_batch_validation():
         ContrastiveBatch([], [], [])
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda(test):
+    """A CUDA test: selected by `pytest -m gpu`, skipped without a GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @cuda
