@@ -1,4 +1,4 @@
-"""`embforge <synth|train|eval|bench|encode|export|mine>`.
+"""`embforge <synth|train|eval|bench|encode|export|merge|mine>`.
 
 Each subpackage owns its subcommand: it exposes `add_parser(subparsers)` in its `cli` module, which registers
 the parser and sets `func` (called with the parsed args, returns an exit code). Imports are lazy so that
@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "embforge.engine.cli",
     "encode": "embforge.engine.cli",
     "export": "embforge.engine.cli",
+    "merge": "embforge.engine.cli",
     "mine": "embforge.engine.mine",
     "eval": "embforge.eval.cli",
     "bench": "embforge.bench.cli",

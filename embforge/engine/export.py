@@ -171,11 +171,14 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     """Write `out_dir/` (embforge folder: adapter + config, what `embforge encode` loads), and optionally
     `out_dir/merged/` and `out_dir/sentence-transformers/`. Returns what was written."""
     emb = load_for_export(model_dir, dtype)
-    if not hasattr(emb.model, "peft_config"):
-        raise ExportError(f"{model_dir} holds no LoRA adapter (already a merged export?); export a run's "
-                          "output_dir/final")
-    trained = json.loads((Path(model_dir) / "embforge_config.json").read_text())["model"]
+    source = json.loads((Path(model_dir) / "embforge_config.json").read_text())
+    trained = source["model"]
     out = Path(out_dir)
+    if not hasattr(emb.model, "peft_config"):
+        if not source.get("merged"):
+            raise ExportError(f"{model_dir} holds no LoRA adapter and no merged model; export a run's "
+                              "output_dir/final")
+        return _export_full(emb, source, out, sentence_transformers, instruction)
     written = {"embforge": str(emb.save_pretrained(out))}
     meta_file = out / "embforge_config.json"
     meta = json.loads(meta_file.read_text())
@@ -191,5 +194,20 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     meta_file.write_text(json.dumps(meta, indent=2))
     if sentence_transformers:
         written["sentence_transformers"] = str(write_sentence_transformers(emb, merged, out / "sentence-transformers",
+                                                                           instruction))
+    return written
+
+
+def _export_full(emb, source: dict, out: Path, sentence_transformers: bool, instruction: str) -> dict:
+    """A full model without adapter (a merged export, `embforge merge`): the embforge folder is the model itself."""
+    model = emb.model
+    model.save_pretrained(out / "merged", safe_serialization=True)
+    emb.tokenizer.save_pretrained(out / "merged")
+    emb.tokenizer.save_pretrained(out / "tokenizer")
+    meta = {"model": source["model"], "merged": True}
+    (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
+    written = {"embforge": str(out), "merged": str(out / "merged")}
+    if sentence_transformers:
+        written["sentence_transformers"] = str(write_sentence_transformers(emb, model, out / "sentence-transformers",
                                                                            instruction))
     return written
