@@ -33,6 +33,7 @@ from embforge.engine.distributed import (DistributedConfig, check_launch, full_t
                                          shard_batch, sum_grads, wrap)
 from embforge.engine.gradcache import ContrastiveBatch, auto_chunk_tokens, contrastive_step
 from embforge.engine.model import Embedder, ModelConfig
+from embforge.engine.tracking import LogConfig, Tracker
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)   # used only under torchrun
+    log: LogConfig = field(default_factory=LogConfig)   # TensorBoard / W&B (engine/tracking.py)
     steps: int = 100
     seed: int = 0
     output_dir: str = "runs/default"
@@ -254,13 +256,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         start_step, position, losses = state["step"], state["position"], state["losses"]
         evals = state.get("evals", {})
         _restore_rng(state, dist_, cfg, start_step)
+        dist_.on_main(_drop_steps_after, metrics_path, start_step)   # they are recomputed: log each step once
         dist_.log(f"[train] resumed from {ckpt} at step {start_step}")
     elif resume:
         dist_.log(f"[train] --resume: no checkpoint in {out}, starting fresh")
+    tracker = None
+    if cfg.log.tensorboard or cfg.log.wandb:
+        tracker = dist_.on_main(Tracker, cfg.log, out, start_step=start_step, config=dataclasses.asdict(cfg))
 
     def run_eval(key: str, step: int):    # rank 0 alone (Dist.on_main); the others wait in the next collective
         def run():
             evals[key] = evaluate(embedder, cfg.eval, out, step)
+            if tracker is not None:
+                tracker.log_eval(step, cfg.eval.data, evals[key])
             embedder.model.train()
         dist_.on_main(run)
 
@@ -319,6 +327,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             if log_tau is not None:
                 rec["temperature"] = float(log_tau.exp())
             dist_.on_main(_append_jsonl, metrics_path, rec)
+            if tracker is not None:              # exists on rank 0 only
+                tracker.log_step(rec)
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}",
@@ -340,8 +350,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     finally:
         if bar:
             bar.close()
+        if tracker is not None:
+            tracker.close()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _drop_steps_after(path: Path, step: int):
+    """Keep the metrics of steps <= `step` (the checkpoint resumed from), rewritten atomically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def _append_jsonl(path: Path, rec: dict):
