@@ -3,7 +3,7 @@
     python bench/bench_demo_step.py [--config configs/cpu-demo.yaml] [--reps 3] [--out-dir bench/results]
 
 Why: on 2 CPU cores the demo's training step decides whether the demo fits its 15 minutes. Three levers are timed
-on one fixed batch of the demo's data (the config's queries x (positive + negatives), built by demo_data + the
+on one fixed batch of the demo's data (the config's queries x (positive + negatives), built by data/sources.py + the
 hashing miner when runs/demo/train.mined.jsonl is absent):
   - LoRA dropout: in train mode peft draws a Bernoulli mask for the input of every adapted projection (210 of them
     on SmolLM2), and CPU Bernoulli sampling is slow; dropout 0 skips it;
@@ -43,11 +43,11 @@ VARIANTS = [
 def _data(path: Path) -> Path:
     if path.exists():
         return path
-    from embforge.engine.demo_data import build
+    from embforge.data.sources import build
     raw = path.with_name("train.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     build(raw, cap_per_source=1200)
-    subprocess.run([sys.executable, "-m", "embforge.cli", "mine", "--data", str(raw), "--out", str(path),
+    subprocess.run([sys.executable, "-m", "embforge", "mine", "--data", str(raw), "--out", str(path),
                     "--model", "hashing", "--ranks", "10-100", "--negatives", "1", "--margin", "0.95"], check=True)
     return path
 
@@ -56,17 +56,18 @@ def measure(config: str, overrides: list[str], data: Path, reps: int) -> dict:
     import torch
 
     from embforge.config import load_config
-    from embforge.engine.data import ExampleFile, batch_at
+    from embforge.data.records import ExampleFile, batch_at
+    from embforge.engine.batch import to_batch
     from embforge.engine.gradcache import contrastive_step
     from embforge.engine.model import Embedder
-    from embforge.engine.train import TrainConfig, to_batch
+    from embforge.engine.train import TrainConfig
     cfg = load_config(TrainConfig, config, overrides)
     torch.manual_seed(0)
     emb = Embedder.from_config(cfg.model, "cpu")
     emb.set_packing(cfg.batch.packing)
     emb.model.train()
     examples, _ = batch_at(ExampleFile([data]), 0, cfg.batch.queries, cfg.seed)
-    batch = to_batch(examples, cfg.batch.negatives, cfg.seed)
+    batch = to_batch(examples, cfg.batch.negatives)
 
     def step():
         t0 = time.perf_counter()

@@ -31,10 +31,11 @@ QUERY_MAX, DOC_MAX = 32, 48
 
 
 def _batch(n: int, seed: int = 0):
-    from embforge.engine import ContrastiveBatch, demo_data
-    from embforge.engine.data import read_examples
+    from embforge.data import sources
+    from embforge.data.records import read_examples
+    from embforge.engine import ContrastiveBatch
     with tempfile.TemporaryDirectory() as tmp:
-        demo_data.build(Path(tmp) / "demo.jsonl", seed=seed)
+        sources.build(Path(tmp) / "demo.jsonl", seed=seed)
         examples = [e for e in read_examples(Path(tmp) / "demo.jsonl") if e.negatives]
     # The demo set has ~440 examples: larger batches cycle through it, and the engine masks the repeated texts as
     # negatives (that changes the loss, not the memory, which is what is measured here).

@@ -21,7 +21,7 @@ stage() {  # stage NAME CMD...: run, time, and record it
 }
 
 echo "== 1/6 training data: real offline text, capped per source so no source dominates"
-stage data python -c "from embforge.engine.demo_data import build; print(build('$RUN/train.jsonl', cap_per_source=${CAP:-1200}), 'examples')"
+stage data embforge data build-demo --out "$RUN/train.jsonl" --cap-per-source "${CAP:-1200}"
 
 # The demo mines with the lexical hashing encoder (17 s of CPU for 3.6k records); all-MiniLM-L6-v2 gives
 # semantic negatives but costs minutes on 2 cores: MINER=minilm (configs/cpu-quality.yaml's run uses it).
@@ -31,18 +31,18 @@ stage mine embforge mine --data "$RUN/train.jsonl" --out "$RUN/train.mined.jsonl
   --ranks 10-100 --negatives 1 --margin 0.95 $([ "$MINER" = hashing ] || echo --max-seq-length 64)
 
 echo "== 3/6 eval: untrained base and all-MiniLM-L6-v2 on the held-out sets"
-stage eval_base python -m embforge.engine.demo_report eval --model "base:$CONFIG" --out "$RUN/eval_base.json"
-stage eval_minilm python -m embforge.engine.demo_report eval --model minilm --out "$RUN/eval_minilm.json"
+stage eval_base embforge eval heldout --model "base:$CONFIG" --out "$RUN/eval_base.json"
+stage eval_minilm embforge eval heldout --model minilm --out "$RUN/eval_minilm.json"
 
 echo "== 4/6 train: GradCache + LoRA ($CONFIG)"
 stage train bash -c "embforge train --config $CONFIG --set 'data.train=[$RUN/train.mined.jsonl]' \
   --set output_dir=$RUN/train > $RUN/train_result.json"
 
 echo "== 5/6 eval: the trained model"
-stage eval_trained python -m embforge.engine.demo_report eval --model "$RUN/train/final" --out "$RUN/eval_trained.json"
+stage eval_trained embforge eval heldout --model "$RUN/train/final" --out "$RUN/eval_trained.json"
 
 echo "== 6/6 export: embforge + sentence-transformers folders"
 stage export embforge export --model "$RUN/train/final" --out "$RUN/export" --sentence-transformers \
   --instruction "Given a question, retrieve the answer that best replies to it"
 
-python -m embforge.engine.demo_report report "$RUN" | tee "$RUN/summary.md"
+embforge eval report "$RUN" | tee "$RUN/summary.md"

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "embforge/kernels/infonce.py"
 GRADCACHE = "embforge/engine/gradcache.py"
 TRAIN = "embforge/engine/train.py"
+TEMPERATURE = "embforge/engine/temperature.py"
 CHECKPOINT = "embforge/engine/checkpoint.py"
 
 # Test sets (pytest node ids, run in the copy). Kept to the tests that target the mutated code.
@@ -124,17 +125,17 @@ MUTATIONS = [
              TRAIN_CONFIG_TESTS, 1, "train ignores loss.same_tower"),
     Mutation("train-matryoshka-not-passed", TRAIN, "matryoshka_dims=cfg.loss.matryoshka_dims",
              "matryoshka_dims=None", TRAIN_CONFIG_TESTS, 1, "train ignores loss.matryoshka_dims"),
-    Mutation("train-tau-not-learned", TRAIN, "tau = log_tau.exp() if log_tau is not None",
-             "tau = log_tau.exp().detach() if log_tau is not None", LEARN_TAU_TESTS, 1,
+    Mutation("train-tau-not-learned", TEMPERATURE, "return self.log_tau.exp() if self.learnable",
+             "return self.log_tau.exp().detach() if self.learnable", LEARN_TAU_TESTS, 1,
              "learnable temperature gets no gradient"),
     Mutation("checkpoint-log-tau-not-restored", CHECKPOINT, "            log_tau.copy_(tau)", "            pass",
              LEARN_TAU_TESTS, 1, "resume starts the temperature over"),
     Mutation("checkpoint-keep-3", CHECKPOINT, '.glob("step-*"))[:-keep]', '.glob("step-*"))[:-keep - 1]',
              PRUNE_TESTS, 1, "prunes to keep+1 checkpoints"),
-    Mutation("train-signal-ignored", TRAIN, 'stop["flag"] = True', 'stop["flag"] = False', SIGNAL_TESTS, 1,
+    Mutation("train-signal-ignored", TRAIN, "self.flag = True", "self.flag = False", SIGNAL_TESTS, 1,
              "SIGINT/SIGTERM no longer stop and checkpoint"),
-    Mutation("train-tau-weight-decay", TRAIN, '"weight_decay": 0.0}', '"weight_decay": cfg.optim.weight_decay}',
-             LEARN_TAU_TESTS, 1, "weight decay pulls the learnable temperature toward 1"),
+    Mutation("train-tau-weight-decay", TEMPERATURE, '"weight_decay": 0.0}', '"weight_decay": 0.1}',
+             LEARN_TAU_TESTS, 1, "weight decay (the test config's 0.1) pulls the learnable temperature toward 1"),
 ]
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from embforge.bench import check, cli
+from embforge.bench import check
+from embforge.cli import bench as cli
 from embforge.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

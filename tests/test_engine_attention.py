@@ -7,7 +7,7 @@ import torch
 
 from embforge.engine import Embedder, ModelConfig
 from embforge.engine.attention import attention_mode, check_bidirectional, set_attention
-from embforge.engine.gradcache import ContrastiveBatch, contrastive_step
+from embforge.engine import ContrastiveBatch, contrastive_step
 
 
 def _first_token_states(emb, ids_a, ids_b, pad_to=None):

@@ -10,8 +10,9 @@ from huggingface_hub import ModelCard
 
 from embforge.cli import main
 from embforge.config import load_config
-from embforge.engine.demo_data import build
-from embforge.engine.train import TrainConfig, train
+from embforge.data.sources import build
+from embforge.cli.train import run_training as train
+from embforge.engine.train import TrainConfig
 
 INSTR = "Given a question, retrieve the passage that answers it"
 
@@ -32,7 +33,7 @@ def _tiny_beir(folder, rows, n_queries=6):
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("card")
     data = root / "pairs.jsonl"
-    build(data)
+    build(data, sources=("stdlib",))   # one source: enough for a tiny run, cheap to build
     rows = [json.loads(line) for line in data.read_text().splitlines()[:16]]
     beir = _tiny_beir(root / "tinybeir", rows)
     cfg = load_config(TrainConfig, None, [

@@ -50,12 +50,12 @@ def test_token_batches_respect_the_budget():
 
 def test_killed_encode_resumes_without_reencoding_finished_shards(tmp_path):
     emb = _model(tmp_path / "m", seed=1)
-    texts = _corpus(3000)
+    texts = _corpus(1500)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"_id": f"doc{i}", "text": t}) + "\n"
                                               for i, t in enumerate(texts)))
     out = tmp_path / "enc"
     cmd = [sys.executable, "-m", "embforge", "encode", "--model", str(tmp_path / "m"), "--file",
-           str(tmp_path / "c.jsonl"), "--out-dir", str(out), "--shard-size", "100", "--token-budget", "96"]
+           str(tmp_path / "c.jsonl"), "--out-dir", str(out), "--shard-size", "50", "--token-budget", "96"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     done = {}
@@ -75,19 +75,19 @@ def test_killed_encode_resumes_without_reencoding_finished_shards(tmp_path):
     seen = []
     inner = emb.embed_chunk
     emb.embed_chunk = lambda seqs: (seen.extend(seqs), inner(seqs))[1]
-    res = encode_corpus(emb, texts, out, ids=[f"doc{i}" for i in range(3000)], shard_size=100, token_budget=96,
+    res = encode_corpus(emb, texts, out, ids=[f"doc{i}" for i in range(1500)], shard_size=50, token_budget=96,
                         progress=False)
-    assert res["encoded_now"] == len(seen) == 3000 - 100 * len(done)     # finished shards were not re-encoded
+    assert res["encoded_now"] == len(seen) == 1500 - 50 * len(done)     # finished shards were not re-encoded
     ids, vecs = load_corpus(out)
-    assert ids[:2] == ["doc0", "doc1"] and len(ids) == 3000
+    assert ids[:2] == ["doc0", "doc1"] and len(ids) == 1500
     torch.testing.assert_close(vecs, emb.encode(texts, batch_size=64), atol=1e-5, rtol=1e-4)
     assert not list(out.glob("*.tmp"))
     # a finished encoding reruns for free; another shard size or corpus is refused, not mixed in
-    assert encode_corpus(emb, texts, out, shard_size=100, progress=False)["encoded_now"] == 0
+    assert encode_corpus(emb, texts, out, shard_size=50, progress=False)["encoded_now"] == 0
     with pytest.raises(CorpusError, match="another shard_size"):
-        encode_corpus(emb, texts, out, shard_size=50, progress=False)
+        encode_corpus(emb, texts, out, shard_size=100, progress=False)
     with pytest.raises(CorpusError, match="another corpus"):
-        encode_corpus(emb, texts[:-1] + ["changed"], out, shard_size=100, progress=False)
+        encode_corpus(emb, texts[:-1] + ["changed"], out, shard_size=50, progress=False)
 
 
 def test_cache_encodes_each_text_once_per_model(tmp_path):
@@ -120,3 +120,44 @@ def test_encode_cli_errors(tmp_path, capsys):
     assert main(["encode", "--model", str(tmp_path / "m"), "--file", str(tmp_path / "bad.jsonl"),
                  "--out-dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: missing field 'text'" in capsys.readouterr().err
+
+
+def test_mine_and_eval_reuse_the_cache(tmp_path, capsys):
+    """Re-scoring and re-mining the same corpus with the same model encodes nothing: every text comes back from the
+    cache, and the results are the same."""
+    _model(tmp_path / "m", seed=1)
+    rows = [{"instruction": "Find the matching document", "query": f"question {i} about w{i % 13}",
+             "positive": t} for i, t in enumerate(_corpus(40))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": r["positive"]}) + "\n"
+                                               for i, r in enumerate(rows)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n"
+                                                for i, r in enumerate(rows[:10])))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                             "".join(f"q{i}\td{i}\t1\n" for i in range(10)))
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    results = []
+    for n in range(2):
+        out = tmp_path / f"eval{n}.json"
+        assert main(["eval", "retrieval", "--model", str(tmp_path / "m"), "--data", str(beir), "--out", str(out),
+                     *cache]) == 0
+        err = capsys.readouterr().err
+        assert ("0 texts reused, 50 encoded" if n == 0 else "50 texts reused, 0 encoded") in err, err
+        results.append({r["metric"]: r["value"] for r in json.loads(out.read_text())})
+    assert results[0] == results[1] and "ndcg_at_10" in results[0]
+    mined = []
+    for n in range(2):
+        out = tmp_path / f"mined{n}.jsonl"
+        assert main(["mine", "--data", str(tmp_path / "train.jsonl"), "--out", str(out), "--model",
+                     str(tmp_path / "m"), "--ranks", "2-6", "--negatives", "2", *cache]) == 0
+        err = capsys.readouterr().err
+        # the documents were cached by the evaluation already; the mining queries carry another instruction
+        assert (" 40 encoded" if n == 0 else "0 encoded") in err, err
+        mined.append(out.read_text())
+    assert mined[0] == mined[1] and "negatives" in mined[0]
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--model", str(tmp_path / "m"), "--data", str(beir), "--no-cache",
+                 *cache]) == 0
+    assert "embedding cache" not in capsys.readouterr().err

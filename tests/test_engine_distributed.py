@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from embforge.engine.distributed import Dist, DistributedConfig, check_launch, rank_seed, shard_batch
+from embforge.engine.batch import ContrastiveBatch, shard_batch, text_ids
+from embforge.engine.distributed import Dist, DistributedConfig, check_launch, rank_seed
 from embforge.engine.packing import make_packed_chunks
-from embforge.engine.gradcache import ContrastiveBatch, contrastive_step, make_chunks, text_ids
+from embforge.engine.gradcache import contrastive_step, make_chunks
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 48          # small: several GradCache chunks per rank (pass 2 replays pass 1)
@@ -228,7 +229,7 @@ def test_shard_batch_slices_with_global_ids():
 
 # ------------------------------------------------------------------------------------ torchrun end to end
 def write_config(tmp_path, out, *, steps, dropout, checkpoint_every=0, loss=None) -> Path:
-    from embforge.engine.demo_data import build
+    from embforge.data.sources import build
     data = tmp_path / "train.jsonl"
     if not data.exists():
         build(data)
@@ -262,11 +263,13 @@ def adapter(out) -> dict:
 
 @pytest.mark.slow
 def test_torchrun_train_matches_one_process(tmp_path, capsys):
+    from embforge.cli.train import run_training
     from embforge.config import load_config
-    from embforge.engine.train import TrainConfig, train
+    from embforge.engine.train import TrainConfig
     one = tmp_path / "one"
     loss = {"learnable_temperature": True, "same_tower": True}    # tau's gradient is summed outside DDP
-    train(load_config(TrainConfig, write_config(tmp_path, one, steps=3, dropout=0.0, loss=loss)), progress=False)
+    run_training(load_config(TrainConfig, write_config(tmp_path, one, steps=3, dropout=0.0, loss=loss)),
+                 progress=False)
     two = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "embforge", "train", "--nproc", "2", "--config",
                         str(write_config(tmp_path, two, steps=3, dropout=0.0, loss=loss))], env=env(),
@@ -285,8 +288,8 @@ def test_torchrun_train_matches_one_process(tmp_path, capsys):
     # Resume the 2-rank run on ONE process (another world size) and the one-process run alike, to step 5: the data
     # order does not depend on the world size, so both continue the same way.
     for out in (one, two):
-        train(load_config(TrainConfig, write_config(tmp_path, out, steps=5, dropout=0.0, loss=loss)), resume=True,
-              progress=False)
+        run_training(load_config(TrainConfig, write_config(tmp_path, out, steps=5, dropout=0.0, loss=loss)),
+                     resume=True, progress=False)
     assert "written by 2 rank(s), resuming on 1" in capsys.readouterr().err
     m1, m2 = metrics(one), metrics(two)
     assert [m["step"] for m in m2] == [1, 2, 3, 4, 5]

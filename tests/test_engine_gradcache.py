@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from embforge.engine import ContrastiveBatch, Embedder, LoraConfig, ModelConfig, contrastive_step, make_chunks
-from embforge.engine.gradcache import CPU_CHUNK_TOKENS, text_ids
+from embforge.engine.batch import text_ids
+from embforge.engine.gradcache import CPU_CHUNK_TOKENS
 from embforge.kernels import infonce_loss
 from infonce_reference import reference_total
 
@@ -175,9 +176,11 @@ def test_train_config_passes_same_tower_and_matryoshka(tmp_path):
     import json
 
     from embforge.config import load_config
-    from embforge.engine.data import ExampleFile, batch_at
-    from embforge.engine.demo_data import build
-    from embforge.engine.train import TrainConfig, to_batch, train
+    from embforge.data.records import ExampleFile, batch_at
+    from embforge.data.sources import build
+    from embforge.cli.train import run_training
+    from embforge.engine.batch import to_batch
+    from embforge.engine.train import TrainConfig
 
     data = tmp_path / "train.jsonl"
     build(data)
@@ -186,7 +189,7 @@ def test_train_config_passes_same_tower_and_matryoshka(tmp_path):
         "batch.chunk_tokens=64", "steps=1", f"loss.temperature={TAU}", "loss.same_tower=true",
         "loss.matryoshka_dims=[64,16]", "loss.matryoshka_weights=[1.0,0.5]", f"output_dir={tmp_path / 'run'}",
         "checkpoint_every=0", "device=cpu"])
-    result = train(cfg, progress=False)
+    result = run_training(cfg, progress=False)
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["chunks"] > 1
     # The same model (train seeds before building it) and the same first batch.
@@ -194,7 +197,7 @@ def test_train_config_passes_same_tower_and_matryoshka(tmp_path):
     e = Embedder.from_config(cfg.model, torch.device("cpu"))
     e.model.train()
     examples, _ = batch_at(ExampleFile(cfg.data.train), 0, cfg.batch.queries, cfg.seed)
-    batch = to_batch(examples, cfg.batch.negatives, cfg.seed)
+    batch = to_batch(examples, cfg.batch.negatives)
     loss, g = independent_step(e, batch, TAU, **GECKO, **MRL)
     plain_loss, g_plain = independent_step(e, batch, TAU)
     assert abs(plain_loss - loss) > 0.05 * loss and abs(float(g_plain.norm()) - float(g.norm())) > 0.01 * g.norm()

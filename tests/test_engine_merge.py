@@ -87,7 +87,7 @@ def test_linear_merge_equals_float64_reference(two_adapters, tmp_path):
     # the merge changed the weights, and not the way averaging A and B separately would
     k = "layers.1.self_attn.q_proj.weight"
     assert (got[k].double() - base[k]).abs().max() > 1e-2
-    ta, tb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    ta, tb = (load_file(m / "adapter" / "adapter_model.safetensors") for m in (a, b))
     key = "base_model.model.layers.1.self_attn.q_proj.lora_{}.weight"
     naive = 0.5 * (ta[key.format("B")][:, :2].double() + tb[key.format("B")].double()) @ \
         (0.5 * (ta[key.format("A")][:2].double() + tb[key.format("A")].double()))
@@ -157,11 +157,12 @@ def test_rank_refactoring_keeps_energy(two_adapters, tmp_path):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """Two quick LoRA trainings from tiny-llama (different seeds and data order), checkpoints every step."""
-    from embforge.engine.demo_data import build
-    from embforge.engine.train import TrainConfig, train
+    from embforge.data.sources import build
+    from embforge.cli.train import run_training as train
+    from embforge.engine.train import TrainConfig
 
     root = tmp_path_factory.mktemp("runs")
-    build(root / "train.jsonl")
+    build(root / "train.jsonl", sources=("stdlib",))   # one source: enough for a tiny run, cheap to build
     for seed in (1, 2):
         cfg = load_config(TrainConfig, None, [
             "model.path=tiny-llama", "model.lora.dropout=0.0", "model.lora.r=4", "model.pooling=mean",
@@ -193,7 +194,8 @@ def test_two_trained_models_merge_to_the_averaged_deltas(two_runs, tmp_path, cap
     assert main(["export", "--model", str(out), "--out", str(exp), "--sentence-transformers",
                  "--instruction", INSTR]) == 0
     (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n")
-    assert main(["encode", "--model", str(exp), "--file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e.pt")]) == 0
+    assert main(["encode", "--model", str(exp), "--file", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "e.pt")]) == 0
     torch.testing.assert_close(torch.load(tmp_path / "e.pt"), merged.encode(TEXTS), atol=1e-5, rtol=1e-4)
     model = st.SentenceTransformer(str(exp / "sentence-transformers"), device="cpu")
     torch.testing.assert_close(torch.as_tensor(model.encode_document(TEXTS)), merged.encode(TEXTS),

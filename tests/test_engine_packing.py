@@ -174,7 +174,7 @@ def test_packed_gradcache_step_equals_padded(family):
 def test_packed_gradcache_replays_lora_dropout_exactly():
     """With LoRA dropout (and checkpointing), the packed GradCache step equals the same packed chunks embedded in
     one autograd graph from the same RNG state (pass 2 must redraw pass 1's masks for each packed row)."""
-    from embforge.engine.gradcache import text_ids
+    from embforge.engine.batch import text_ids
     from embforge.kernels import infonce_loss
     e = embedder("tiny-mistral", dropout=0.1, gradient_checkpointing=True)   # recompute inside pass 2 as well
     e.set_packing(True)
@@ -266,7 +266,7 @@ def test_resolve_packing_policy(monkeypatch):
 # ------------------------------------------------------------------------------------------------ training
 def _train_cfg(tmp_path, out, packing_mode):
     from embforge.config import load_config
-    from embforge.engine.demo_data import build
+    from embforge.data.sources import build
     from embforge.engine.train import TrainConfig
     data = tmp_path / "train.jsonl"
     if not data.exists():
@@ -278,9 +278,9 @@ def _train_cfg(tmp_path, out, packing_mode):
 
 
 def test_training_logs_same_losses_packed_and_padded(tmp_path):
-    from embforge.engine.train import train
-    packed = train(_train_cfg(tmp_path, tmp_path / "p", "true"), progress=False)["losses"]
-    padded = train(_train_cfg(tmp_path, tmp_path / "d", "false"), progress=False)["losses"]
+    from embforge.cli.train import run_training
+    packed = run_training(_train_cfg(tmp_path, tmp_path / "p", "true"), progress=False)["losses"]
+    padded = run_training(_train_cfg(tmp_path, tmp_path / "d", "false"), progress=False)["losses"]
     assert len(packed) == 3 and len({round(x, 5) for x in packed}) > 1   # the loss moves: the steps trained
     assert packed == pytest.approx(padded, rel=1e-5, abs=1e-6)
     recs = {m: [json.loads(l) for l in (tmp_path / m / "metrics.jsonl").read_text().splitlines()] for m in "pd"}

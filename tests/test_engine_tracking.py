@@ -10,14 +10,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from embforge.cli import main
 from embforge.config import load_config
-from embforge.engine.demo_data import build
-from embforge.engine.train import TrainConfig, train
+from embforge.data.sources import build
+from embforge.cli.train import run_training as train
+from embforge.engine.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("track")
-    build(root / "train.jsonl")
+    build(root / "train.jsonl", sources=("stdlib",))   # one source: enough for a tiny run, cheap to build
     rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()[:12]]
     beir = root / "beir"
     (beir / "qrels").mkdir(parents=True)

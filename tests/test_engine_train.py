@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from embforge.config import ConfigError, load_config
-from embforge.engine.data import DataError, ExampleFile, read_examples
-from embforge.engine.demo_data import build
-from embforge.engine.train import TrainConfig, train
+from embforge.data.records import DataError, ExampleFile, read_examples
+from embforge.data.sources import build
+from embforge.cli.train import run_training
+from embforge.engine.train import TrainConfig
 
 
 def cfg_for(tmp_path, out, steps=4, extra=()):
@@ -38,10 +39,10 @@ def checkpoints(out):
 
 
 def test_resume_reproduces_uninterrupted_loss_curve(tmp_path):
-    full = train(cfg_for(tmp_path, tmp_path / "a"), progress=False)["losses"]
-    part = train(cfg_for(tmp_path, tmp_path / "b"), progress=False, stop_after=2)
+    full = run_training(cfg_for(tmp_path, tmp_path / "a"), progress=False)["losses"]
+    part = run_training(cfg_for(tmp_path, tmp_path / "b"), progress=False, stop_after=2)
     assert part["stopped_at"] == 2 and len(part["losses"]) == 2
-    resumed = train(cfg_for(tmp_path, tmp_path / "b"), resume=True, progress=False)["losses"]
+    resumed = run_training(cfg_for(tmp_path, tmp_path / "b"), resume=True, progress=False)["losses"]
     assert len(full) == 4 and resumed == full          # bit-identical, dropout included
     assert len({round(x, 6) for x in full}) > 1
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -97,7 +98,7 @@ def test_evaluation_before_every_n_steps_and_after(tmp_path):
     beir = _tiny_beir(tmp_path / "beir")
     cfg.eval.data, cfg.eval.every_steps, cfg.eval.max_queries = str(beir), 2, 6
     cfg.optim.lr = 1e-2  # big steps: 5 steps of a tiny model must visibly move the ranking
-    result = train(cfg, progress=False)
+    result = run_training(cfg, progress=False)
     assert list(result["eval"]) == ["before", "step2", "step4", "after"]
     records = [json.loads(l) for l in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     ndcg = {r["step"]: r["value"] for r in records if r["metric"] == "ndcg_at_10"}
@@ -123,20 +124,20 @@ LEARN_TAU = ["loss.learnable_temperature=true", "loss.temperature=0.1", "optim.l
 
 @pytest.mark.slow
 def test_learnable_temperature_trains_and_is_restored_on_resume(tmp_path):
-    from embforge.engine.data import ExampleFile, batch_at
+    from embforge.data.records import ExampleFile, batch_at
     from embforge.engine.gradcache import contrastive_step
     from embforge.engine.model import Embedder
-    from embforge.engine.train import to_batch
+    from embforge.engine.batch import to_batch
 
     a, b = tmp_path / "a", tmp_path / "b"
     cfg = cfg_for(tmp_path, a, extra=[*LEARN_TAU, "checkpoint_every=1"])
-    full = train(cfg, progress=False)["losses"]
+    full = run_training(cfg, progress=False)["losses"]
     temps = [r["temperature"] for r in metrics(a)]
     # dL/dtau of the first step, computed directly on the same model, batch and dropout draws.
     torch.manual_seed(cfg.seed)
     e = Embedder.from_config(cfg.model, torch.device("cpu"))
     e.model.train()
-    batch = to_batch(batch_at(ExampleFile(cfg.data.train), 0, 6, cfg.seed)[0], cfg.batch.negatives, cfg.seed)
+    batch = to_batch(batch_at(ExampleFile(cfg.data.train), 0, 6, cfg.seed)[0], cfg.batch.negatives)
     tau = torch.tensor(0.1, requires_grad=True)
     first = contrastive_step(e, batch, temperature=tau, chunk_tokens=64)
     assert first.loss == pytest.approx(full[0], rel=1e-6)
@@ -152,17 +153,31 @@ def test_learnable_temperature_trains_and_is_restored_on_resume(tmp_path):
     assert math.exp(float(saved["log_tau"])) == pytest.approx(temps[-1], rel=1e-6)
 
     # Interrupted after 2 steps and resumed: same temperatures, same losses (log_tau and its Adam state restored).
-    part = train(cfg_for(tmp_path, b, extra=LEARN_TAU), progress=False, stop_after=2)
+    part = run_training(cfg_for(tmp_path, b, extra=LEARN_TAU), progress=False, stop_after=2)
     assert part["stopped_at"] == 2
-    resumed = train(cfg_for(tmp_path, b, extra=LEARN_TAU), resume=True, progress=False)["losses"]
+    resumed = run_training(cfg_for(tmp_path, b, extra=LEARN_TAU), resume=True, progress=False)["losses"]
     assert resumed == full
     assert [r["temperature"] for r in metrics(b)] == temps
+
+
+def assert_no_embforge_class_pickled(path):
+    """A checkpoint holds plain data only: an embforge class pickled by its module path would stop loading as soon
+    as the code moves (checkpoints written before a restructure must still resume)."""
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            assert not module.startswith("embforge"), f"{path} pickles {module}.{name}"
+            return super().find_class(module, name)
+
+    torch.load(path, weights_only=False, pickle_module=SimpleNamespace(Unpickler=Unpickler, load=pickle.load,
+                                                                       __name__="pickle"))
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
-    return train(cfg_for(root, root / "run"), progress=False)["losses"]
+    return run_training(cfg_for(root, root / "run"), progress=False)["losses"]
 
 
 def test_sigint_checkpoints_after_the_current_step_and_resume_continues(tmp_path, monkeypatch, uninterrupted):
@@ -180,12 +195,13 @@ def test_sigint_checkpoints_after_the_current_step_and_resume_continues(tmp_path
     monkeypatch.setattr(T, "contrastive_step", interrupted)
     before = signal.getsignal(signal.SIGINT)
     out = tmp_path / "run"
-    part = train(cfg_for(tmp_path, out), progress=False)          # checkpoint_every=0: only the signal saves
+    part = run_training(cfg_for(tmp_path, out), progress=False)          # checkpoint_every=0: only the signal saves
     assert part["stopped_at"] == 2 and len(calls) == 2           # the step in flight finished, no third began
     assert signal.getsignal(signal.SIGINT) is before             # handlers restored
     assert checkpoints(out) == ["step-000002"] and [r["step"] for r in metrics(out)] == [1, 2]
+    assert_no_embforge_class_pickled(out / "checkpoints" / "step-000002" / "trainer.pt")
     monkeypatch.setattr(T, "contrastive_step", real)
-    assert train(cfg_for(tmp_path, out), resume=True, progress=False)["losses"] == uninterrupted
+    assert run_training(cfg_for(tmp_path, out), resume=True, progress=False)["losses"] == uninterrupted
 
 
 @pytest.mark.slow
@@ -230,8 +246,9 @@ device: cpu
     assert state["step"] == n and state["losses"] == [r["loss"] for r in metrics(out)]
     # The checkpoint resumes into the curve of an uninterrupted run one step longer.
     const = ["optim.decay=constant"]
-    resumed = train(cfg_for(tmp_path, out, steps=n + 1, extra=const), resume=True, progress=False)["losses"]
-    assert resumed == train(cfg_for(tmp_path, tmp_path / "full", steps=n + 1, extra=const), progress=False)["losses"]
+    resumed = run_training(cfg_for(tmp_path, out, steps=n + 1, extra=const), resume=True, progress=False)["losses"]
+    full = run_training(cfg_for(tmp_path, tmp_path / "full", steps=n + 1, extra=const), progress=False)["losses"]
+    assert resumed == full
 
 
 def test_save_checkpoint_keeps_the_last_two_in_step_order(tmp_path):

@@ -3,9 +3,9 @@ import warnings
 
 import pytest
 
+from embforge.data.records import DataError
 from embforge.eval.beir import load_beir
-from embforge.eval.datasets import (SyntheticFormatError, chatterbot_beir, chatterbot_pairs, is_heldout,
-                                    synthetic_beir)
+from embforge.eval.datasets import chatterbot_beir, chatterbot_pairs, is_heldout, synthetic_beir
 
 
 def test_chatterbot_beir_from_installed_yaml(tmp_path):
@@ -60,10 +60,10 @@ def test_synthetic_heldout_split(tmp_path):
 def test_synthetic_errors_name_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "q", "positive": "p"}\n\n{"query": "q2", "positive": ""}\n')
-    with pytest.raises(SyntheticFormatError, match=r"bad.jsonl:3: field 'positive'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'positive'"):
         synthetic_beir(path)
     path.write_text('{"query": "q", "positive": "p", "negatives": [1]}\n')
-    with pytest.raises(SyntheticFormatError, match=r"bad.jsonl:1: field 'negatives'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'negatives'"):
         synthetic_beir(path)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from embforge.eval.encoders import HashingEncoder, minilm_path
-from embforge.eval.passkey import evaluate_passkey, make_passkey_task, rope_override
+from embforge.eval.passkey import evaluate_passkey, make_passkey_task
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +49,3 @@ def test_accuracy_tracks_encoder_quality(tokenizer):
     bad = evaluate_passkey(_ConstantEncoder(), tokenizer, [256], n_candidates=30, n_queries=10, progress=False)
     assert good == {"passkey_acc_at_256": 1.0, "passkey_acc_at_512": 1.0}
     assert bad["passkey_acc_at_256"] <= 0.1
-
-
-def test_rope_override_changes_rotary_frequencies():
-    from transformers import LlamaConfig, LlamaModel
-
-    def cfg():
-        return LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                           num_hidden_layers=1, vocab_size=64)
-
-    head_dim = 8
-    expected = 1.0 / (1e5 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    model = LlamaModel(rope_override(cfg(), rope_theta=1e5, max_position_embeddings=32768))
-    assert torch.allclose(model.rotary_emb.inv_freq, expected)
-    assert model.config.max_position_embeddings == 32768
-    default = LlamaModel(cfg())
-    assert not torch.allclose(default.rotary_emb.inv_freq, expected)
-    scaled = rope_override(cfg(), rope_scaling={"rope_type": "linear", "factor": 4.0})
-    assert torch.allclose(LlamaModel(scaled).rotary_emb.inv_freq, default.rotary_emb.inv_freq / 4)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from embforge.cli import main as embforge_main
-from embforge.synth.cli import EXIT_COMPLETE, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_USAGE
+from embforge.cli.synth import EXIT_COMPLETE, EXIT_ERROR, EXIT_INCOMPLETE, EXIT_USAGE
 from embforge.synth.client import LLMClient, RetryPolicy, is_loopback, redact_url
 from embforge.synth.generate import run_generate
 from test_synth_fakeserver import FakeLLM

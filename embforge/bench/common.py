@@ -12,12 +12,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from embforge.common import git_commit, open_atomic
 
 
 def device_name(device: torch.device | str) -> str:
@@ -38,20 +39,6 @@ def versions() -> str:
     if torch.version.cuda:
         parts.append(f"cuda={torch.version.cuda}")
     return ";".join(parts)
-
-
-def git_commit() -> str:
-    if os.environ.get("EMBFORGE_COMMIT"):  # set by the GPU suite: the device's copy of the tree has no git
-        return os.environ["EMBFORGE_COMMIT"]
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
-    except Exception:
-        return os.environ.get("EMBFORGE_COMMIT", "unknown")
 
 
 def env_columns(device) -> dict:
@@ -124,18 +111,11 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
         for k in r:
             if k not in keys:
                 keys.append(k)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open_atomic(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     return path
-
-
-def read_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def device_slug(device) -> str:

@@ -18,14 +18,14 @@ STEP = dict(chunk_tokens=48, same_tower=True)
 
 
 def _batch():
-    from embforge.engine.demo_data import build
-    from embforge.engine.data import ExampleFile, batch_at
-    from embforge.engine.train import to_batch
+    from embforge.data.records import ExampleFile, batch_at
+    from embforge.data.sources import build
+    from embforge.engine.batch import to_batch
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "demo.jsonl"
         build(path)
         examples, _ = batch_at(ExampleFile(path), 0, 6, seed=0)
-    return to_batch(examples, 1, 0)
+    return to_batch(examples, 1)
 
 
 def _embedder():
@@ -42,7 +42,8 @@ def _grads(emb) -> dict:
 
 
 def _worker(rank, world_size, port, out, batch, strategy):
-    from embforge.engine.distributed import DistributedConfig, init_distributed, shard_batch, wrap
+    from embforge.engine.batch import shard_batch
+    from embforge.engine.distributed import DistributedConfig, init_distributed, wrap
     from embforge.engine.gradcache import contrastive_step
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

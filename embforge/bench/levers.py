@@ -6,14 +6,11 @@ GPU budget); Liger and torch.compile change a model for good, so e2e.py drops th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from embforge.bench.setup import Setup
 from embforge.bench.tracker import find_decoder
-
-if TYPE_CHECKING:
-    from embforge.bench.e2e import Setup
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class Lever:
     max_steps: int | None = None   # fewer measured steps where one suffices (uniform shapes: no cold first step)
 
 
-def levers_for(setup: "Setup", device: str, quick: bool) -> list[Lever]:
+def levers_for(setup: Setup, device: str, quick: bool) -> list[Lever]:
     """Priority order (the GPU budget cuts the tail): the headline, the peer, the levers that may pay, then the
     ones that measure what we avoid. Liger and torch.compile change a model for good (it is dropped after them);
     Liger restores transformers' module globals, so later levers are unaffected."""
@@ -76,7 +73,7 @@ def pad_globally(embedder, length: int):
     return lambda: delattr(embedder, "collate")
 
 
-def apply_lever(obj, lever: Lever, setup: "Setup", global_len: int, plant: dict, undo: list):
+def apply_lever(obj, lever: Lever, setup: Setup, global_len: int, plant: dict, undo: list):
     """Switch a loaded model to the lever's setting in place, appending to `undo` as it goes (so a half-applied
     lever is still undone). Toggling in place instead of reloading saves a 7B load per lever (tens of seconds)."""
     decoder = find_decoder(obj)

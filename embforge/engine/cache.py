@@ -82,14 +82,11 @@ class EmbeddingCache:
             return
         stem = self.dir / f"part-{time.time_ns():020d}-{os.getpid()}"
         vec_file, key_file = Path(f"{stem}.vecs.npy"), Path(f"{stem}.keys.npy")
+        from embforge.common import open_atomic
         for path, array in ((vec_file, vectors.float().cpu().numpy()),
                             (key_file, np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1))):
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
+            with open_atomic(path, "wb") as f:    # vectors first, keys last: the keys file publishes the part
                 np.save(f, array)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)          # vectors first, keys last: the keys file publishes the part
         self._add_part(key_file)
 
 
@@ -134,3 +131,11 @@ class CachedEncoder:
 def cached(embedder, root: str | Path | None = None) -> CachedEncoder:
     """`embedder` behind the cache of its fingerprint under `root` (default $EMBFORGE_CACHE/embeddings)."""
     return CachedEncoder(embedder, EmbeddingCache(root or default_root(), model_fingerprint(embedder)))
+
+
+def maybe_cached(encoder, *, enabled: bool = True, root: str | Path | None = None):
+    """The encoder behind its cache when it is an embforge embedder and caching is on; anything else (a
+    sentence-transformers or hashing encoder) as it is."""
+    from embforge.engine.model import Embedder
+
+    return cached(encoder, root) if enabled and isinstance(encoder, Embedder) else encoder

@@ -20,9 +20,8 @@ _SIZES = ("num_queries", "num_docs")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from embforge.common import read_jsonl
+    return [rec for _, rec in read_jsonl(path)] if path.exists() else []
 
 
 def run_record(model_dir: str | Path) -> dict:

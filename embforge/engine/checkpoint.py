@@ -2,16 +2,25 @@
 
 A crash at any point leaves either the previous checkpoint or the new one, never a half-written folder.
 Layout: <output_dir>/checkpoints/step-000123/{adapter.safetensors, trainer.pt}
+trainer.pt holds plain data only (state dicts, tensors, RNG states, the config as a dict): no embforge class is
+pickled, so moving code never breaks loading an older checkpoint.
+
+The random generators (Python, NumPy, torch CPU and CUDA) of every rank are captured here too, and restored on
+resume, so a resumed run draws exactly the dropout masks of an uninterrupted one.
 """
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from embforge.engine.distributed import rank_seed
 
 
 def _trainable_state(embedder) -> dict:
@@ -69,3 +78,30 @@ def load_checkpoint(path, embedder, optimizer, scheduler, log_tau) -> dict:
         with torch.no_grad():
             log_tau.copy_(tau)
     return state
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def restore_rng(state: dict, rank: int, world_size: int, seed: int, step: int) -> str | None:
+    """Every rank gets back its own generators. A checkpoint from another world size cannot hold this rank's
+    stream: the data order is unaffected (global position), and each rank's generators are re-derived from
+    (seed, rank, step), so the run continues correctly but not bit-identically to an uninterrupted one; the
+    returned note says so (None when the streams were restored exactly)."""
+    ranks = state.get("rng_ranks") or [state["rng"]]      # older checkpoints: one process
+    if len(ranks) == world_size:
+        set_rng_states(ranks[rank])
+        return None
+    torch.manual_seed(rank_seed(seed, rank) + 7919 * step)
+    return (f"[train] checkpoint written by {len(ranks)} rank(s), resuming on {world_size}: same data order; "
+            f"dropout generators re-derived from (seed, rank, step {step})")

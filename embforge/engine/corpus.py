@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,12 +25,9 @@ class CorpusError(ValueError):
 
 
 def _atomic_write(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    from embforge.common import open_atomic
+    with open_atomic(path, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def corpus_digest(texts: list[str]) -> str:

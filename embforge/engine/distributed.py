@@ -66,7 +66,8 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
-        """The one voice: rank 0 alone logs, evaluates, draws progress, writes metrics and checkpoints."""
+        """The one voice: rank 0 alone logs, evaluates, draws progress, writes metrics and checkpoints (the trainer's
+        Reporter is built from this: engine/train.py)."""
         return self.rank == 0
 
     def on_main(self, fn, *args, **kwargs):
@@ -208,26 +209,6 @@ def check_launch(cfg, world_size: int):
                            "implemented; set checkpoint_every: 0 - the final adapter is still saved)")
         if refused:
             raise ValueError("distributed.strategy=fsdp does not support: " + "; ".join(refused))
-
-
-def shard_batch(batch, dist_: Dist):
-    """This rank's contiguous slice of the global ContrastiveBatch: queries [r*b, (r+1)*b) and their document
-    groups, with text ids computed from the WHOLE global batch (identical on every rank, no communication, no
-    collisions), so duplicate texts on different ranks are still masked. One process: the batch unchanged."""
-    if not dist_.active:
-        return batch
-    from embforge.engine.gradcache import ContrastiveBatch, text_ids
-
-    B, N = len(batch.queries), len(batch.documents)
-    b, G = B // dist_.world_size, N // B
-    if batch.query_ids is not None:
-        qid, did = list(batch.query_ids), list(batch.doc_ids)
-    else:
-        q, d = text_ids(batch.queries, batch.documents)
-        qid, did = q.tolist(), d.tolist()
-    qs = slice(dist_.rank * b, (dist_.rank + 1) * b)
-    ds = slice(dist_.rank * b * G, (dist_.rank + 1) * b * G)
-    return ContrastiveBatch(batch.queries[qs], batch.instructions[qs], batch.documents[ds], qid[qs], did[ds])
 
 
 # ------------------------------------------------------------------------------------------------ wrapping

@@ -24,36 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from embforge.engine.batch import ContrastiveBatch, text_ids
 from embforge.engine.distributed import grad_sync
 from embforge.engine.packing import make_packed_chunks
 from embforge.kernels import infonce_loss
 
 CPU_CHUNK_TOKENS = 4096   # "auto" on CPU: memory is rarely the limit there, and larger chunks stop paying off
-
-
-@dataclass
-class ContrastiveBatch:
-    queries: list[str]
-    instructions: list[str | None]
-    documents: list[str]                  # grouped: query i owns documents[i*G:(i+1)*G], positive first
-    query_ids: list[int] | None = None    # optional explicit text ids (both or neither); default: from the texts
-    doc_ids: list[int] | None = None
-
-    def __post_init__(self):
-        B, N = len(self.queries), len(self.documents)
-        if B == 0:
-            raise ValueError("ContrastiveBatch has no queries")
-        if len(self.instructions) != B:
-            raise ValueError(f"ContrastiveBatch: {B} queries but {len(self.instructions)} instructions")
-        if N == 0 or N % B != 0:
-            raise ValueError(f"ContrastiveBatch: {N} documents is not a positive multiple of {B} queries "
-                             "(each query owns its positive and the same number of hard negatives)")
-        if (self.query_ids is None) != (self.doc_ids is None):
-            # Mixing given ids with ids derived from texts would put two unrelated numberings in one id space.
-            raise ValueError("ContrastiveBatch: give both query_ids and doc_ids, or neither")
-        if self.query_ids is not None and (len(self.query_ids) != B or len(self.doc_ids) != N):
-            raise ValueError(f"ContrastiveBatch: {len(self.query_ids)} query_ids / {len(self.doc_ids)} doc_ids for "
-                             f"{B} queries / {N} documents")
 
 
 @dataclass
@@ -65,10 +41,6 @@ class StepResult:
     chunk_tokens: int = 0  # the budget used (resolved when "auto"): real tokens when packed, rows x longest if not
     timings: dict = field(default_factory=dict)   # seconds: pass1 (encoder forward), loss, pass2 (encoder backward)
     packed: bool = False   # chunks were padding-free packed rows
-
-    @property
-    def computed_tokens(self) -> int:
-        return self.padded_tokens
 
 
 def make_chunks(lengths: list[int], chunk_tokens: int, max_chunk_seqs: int | None = None) -> list[list[int]]:
@@ -91,15 +63,6 @@ def make_chunks(lengths: list[int], chunk_tokens: int, max_chunk_seqs: int | Non
     if cur:
         chunks.append(cur)
     return chunks
-
-
-def text_ids(queries: list[str], documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One integer id per distinct text across queries and documents (exact duplicates share it). A dict, not a
-    hash: ids never collide."""
-    table: dict[str, int] = {}
-    q = [table.setdefault(t, len(table)) for t in queries]
-    d = [table.setdefault(t, len(table)) for t in documents]
-    return torch.tensor(q, dtype=torch.long), torch.tensor(d, dtype=torch.long)
 
 
 class _RngState:
@@ -190,7 +153,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     """One GradCache step; gradients accumulate into the trainable parameters' .grad (the caller zeroes them).
 
     dist: a distributed.Dist with a process group, to train on N ranks (the embedder then a WrappedEmbedder and the
-    batch this rank's slice with global ids, see distributed.shard_batch); result.loss is then the global loss.
+    batch this rank's slice with global ids, see batch.shard_batch); result.loss is then the global loss.
 
     chunk_tokens: tokens per chunk -- real tokens of one packed row when embedder.packing, else padded tokens
     (rows x longest row) -- or "auto" (see auto_chunk_tokens). The batch size
@@ -217,7 +180,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
         qid, did = torch.tensor(batch.query_ids, dtype=torch.long), torch.tensor(batch.doc_ids, dtype=torch.long)
     elif dist is not None and dist.active:
         raise ValueError("contrastive_step on several ranks needs the global batch's text ids "
-                         "(ContrastiveBatch.query_ids/doc_ids, as distributed.shard_batch sets them)")
+                         "(ContrastiveBatch.query_ids/doc_ids, as batch.shard_batch sets them)")
     else:
         qid, did = text_ids(batch.queries, batch.documents)
     loss_kw = dict(query_ids=qid.to(dev), doc_ids=did.to(dev), same_tower=same_tower,

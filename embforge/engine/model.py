@@ -222,7 +222,7 @@ class Embedder(torch.nn.Module):
         dtype = _torch_dtype(cfg.dtype, device)
         hf_cfg = AutoConfig.from_pretrained(path)
         if cfg.rope_theta is not None:
-            from embforge.eval.passkey import rope_override
+            from embforge.engine.rope import rope_override
             rope_override(hf_cfg, rope_theta=cfg.rope_theta)
         kwargs = dict(config=hf_cfg, dtype=dtype, attn_implementation=_attn_impl(cfg.attn_implementation, device,
                                                                                    dtype))

@@ -1,18 +1,23 @@
-"""`embforge train`: a plain, readable recipe loop around the GradCache step.
+"""`embforge train`'s recipe: a plain loop around the GradCache step.
 
-    for step in range(steps):
-        batch  = next examples (position-indexed: resumable exactly)
-        result = contrastive_step(embedder, batch)           # gradients in .grad
-        clip, optimizer.step(), scheduler.step(), zero_grad
-        log; maybe evaluate; maybe checkpoint
+    run = setup(cfg)                                          # model, optimizer, schedule (+ checkpoint on resume)
+    for step in range(start, steps):
+        batch, position = batches(position)                   # the global batch at a position: resumable exactly
+        result = train_step(run, shard_batch(batch))          # GradCache step, clip, optimizer and schedule
+        reporter.step(metrics); maybe evaluate; maybe checkpoint
+
+The trainer is given its data (`batches`, a BatchSource) and its evaluation (`evaluate(embedder, step)`, optional):
+embforge/cli/train.py `run_training` wires the JSONL reader (embforge/data) and the retrieval evaluation
+(embforge/eval) in, so this module knows neither.
 
 Checkpoints (every N steps, and on SIGINT/SIGTERM) hold the adapter, optimizer, scheduler, every RNG state, the data
 position and the config, written atomically, so `--resume` continues with exactly the loss curve of an
 uninterrupted run.
 
 Under torchrun (docs/distributed.md) every rank reads the same global batch at the same position and takes its
-slice (distributed.shard_batch), so the data order does not depend on the world size; rank 0 alone logs, evaluates,
-draws the bar, writes metrics.jsonl and checkpoints (holding every rank's RNG state); all ranks wait for it.
+slice (batch.shard_batch), so the data order does not depend on the world size. Rank 0's work (progress bar,
+metrics.jsonl, logs, evaluations, checkpoint and model files) goes through one Reporter, which is silent on the other
+ranks; collectives are called by every rank, here, in the same order.
 """
 from __future__ import annotations
 
@@ -24,15 +29,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
-from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from embforge.engine.data import ExampleFile, batch_at
-from embforge.engine.distributed import (DistributedConfig, check_launch, full_tensor, init_distributed, rank_seed,
-                                         shard_batch, sum_grads, wrap)
-from embforge.engine.gradcache import ContrastiveBatch, auto_chunk_tokens, contrastive_step
+from embforge.common import append_jsonl, atomic_write_text
+from embforge.engine.batch import ContrastiveBatch, shard_batch
+from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
+from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
+                                         rank_seed, sum_grads, wrap)
+from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
 from embforge.engine.model import Embedder, ModelConfig
+from embforge.engine.temperature import Temperature
 from embforge.engine.tracking import LogConfig, Tracker
 
 
@@ -73,7 +81,7 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    data: str | None = None            # "chatterbot", a BEIR folder, or None
+    data: str | None = None            # "chatterbot", a BEIR folder, or None (what the `evaluate` hook scores)
     before_training: bool = True
     every_steps: int = 0               # 0: only before and after
     instruction: str | None = None
@@ -131,93 +139,49 @@ def make_optimizer(params, cfg: OptimConfig, device):
                              fused=device.type == "cuda")
 
 
-def to_batch(examples, negatives: int, rng_seed: int) -> ContrastiveBatch:
-    """Grouped layout: each query owns [positive, K hard negatives]; short lists are filled with other examples'
-    positives (still valid negatives, and the duplicate-text masking guards accidental matches)."""
-    docs = []
-    for i, ex in enumerate(examples):
-        negs = list(ex.negatives[:negatives])
-        j = 1
-        while len(negs) < negatives:
-            negs.append(examples[(i + j) % len(examples)].positive)
-            j += 1
-        docs += [ex.positive] + negs
-    return ContrastiveBatch([e.query for e in examples], [e.instruction for e in examples], docs)
+class BatchSource(Protocol):
+    """The trainer's data: `batches(position) -> (global ContrastiveBatch at that position, next position)`.
+    Position-indexed, so the position a checkpoint stores resumes the exact sequence (embforge/data/batches.py)."""
+
+    notes: list[str]      # lines for the log, printed once by rank 0 (e.g. how many bad lines were skipped)
+
+    def __call__(self, position: int) -> tuple[ContrastiveBatch, int]: ...
 
 
-def _rng_states():
-    import random
-
-    import numpy as np
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+Evaluate = Callable[[Embedder, int], dict]   # (embedder, step) -> metrics; run by rank 0 alone
 
 
-def _set_rng_states(s):
-    import random
+# ------------------------------------------------------------------------------------------------ setup
+@dataclass
+class Run:
+    """What setup() builds and the loop uses."""
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    out: Path
+    embedder: Embedder
+    step_embedder: object              # the embedder, or its DDP / FSDP2 wrapper on N ranks
+    temperature: Temperature
+    params: list                       # clipped together: LoRA weights (+ log tau)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    chunk_tokens: int | str
 
-    import numpy as np
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def evaluate(embedder, cfg: EvalConfig, out_dir: Path, step: int) -> dict:
-    """Retrieval metrics on the eval set; also appended to out_dir/eval.jsonl as result records (model, data,
-    metric, value, commit, step), so a run's whole before / every-N / after history stays on disk."""
-    from embforge.eval.beir import load_beir
-    from embforge.eval.datasets import CHATTERBOT_INSTRUCTION, chatterbot_beir
-    from embforge.eval.results import make_records
-    from embforge.eval.retrieval import evaluate_retrieval
-
-    if cfg.data == "chatterbot":
-        data = chatterbot_beir(out_dir / "eval_chatterbot")
-        instruction = cfg.instruction or CHATTERBOT_INSTRUCTION
-    else:
-        data, instruction = load_beir(cfg.data), cfg.instruction
-    if cfg.max_queries:  # a fixed subset (sorted ids), so every evaluation of the run scores the same queries
-        keep = sorted(data.qrels)[: cfg.max_queries]
-        data = dataclasses.replace(data, qrels={q: data.qrels[q] for q in keep})
-    t0 = time.perf_counter()
-    metrics = evaluate_retrieval(embedder, data, instruction=instruction, progress=False)  # encode restores mode
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    records = make_records(str(out_dir), cfg.data, metrics, step=step, instruction=instruction)
-    with open(out_dir / "eval.jsonl", "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    print(f"[train] eval at step {step}: nDCG@10 {metrics.get('ndcg_at_10', float('nan')):.4f} "
-          f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    return metrics
+    @property
+    def fsdp(self) -> bool:
+        return self.dist.active and self.cfg.distributed.strategy == "fsdp"
 
 
-def _restore_rng(state: dict, dist_, cfg: TrainConfig, step: int):
-    """Every rank gets back its own generators. A checkpoint from another world size cannot hold this rank's
-    stream: the data order is unaffected (global position), and each rank's generators are re-derived from
-    (seed, rank, step), so the run continues correctly but not bit-identically to an uninterrupted one."""
-    ranks = state.get("rng_ranks") or [state["rng"]]      # older checkpoints: one process
-    if len(ranks) == dist_.world_size:
-        _set_rng_states(ranks[dist_.rank])
-        return
-    torch.manual_seed(rank_seed(cfg.seed, dist_.rank) + 7919 * step)
-    dist_.log(f"[train] checkpoint written by {len(ranks)} rank(s), resuming on {dist_.world_size}: same data "
-              f"order; dropout generators re-derived from (seed, rank, step {step})")
+@dataclass
+class Progress:
+    """What a checkpoint saves besides the weights and optimizer."""
+    step: int = 0
+    position: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: dict = field(default_factory=dict)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run training; returns {"losses": [...], "eval": {...}, "main": whether this process is the one that speaks}.
-    `stop_after` simulates an interruption (tests). Under torchrun this runs on every rank (see distributed.py); one
-    process otherwise."""
-    dist_, device = init_distributed(cfg.distributed, cfg.device)
-    if dist_.active:
-        check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
-    fsdp = dist_.active and cfg.distributed.strategy == "fsdp"
-    if fsdp and resume:
-        raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
-                         "checkpoints); use strategy ddp")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def setup_model(cfg: TrainConfig, dist_: Dist, device: torch.device) -> Embedder:
     torch.manual_seed(cfg.seed)                  # identical LoRA init on every rank
     embedder = Embedder.from_config(cfg.model, device)
     embedder.set_packing(cfg.batch.packing)
@@ -225,157 +189,244 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     if dist_.rank > 0:
         # Per-rank dropout streams; rank 0 continues the single-process stream (so world size 1 == one process).
         torch.manual_seed(rank_seed(cfg.seed, dist_.rank))
-    data = ExampleFile(cfg.data.train, skip_bad_lines=cfg.data.skip_bad_lines)
-    if data.skipped:
-        dist_.log(f"[train] skipped {len(data.skipped)} bad lines; first: {data.skipped[0]}")
+    return embedder
+
+
+def setup(cfg: TrainConfig, dist_: Dist, device: torch.device) -> Run:
+    """Model, distributed wrapper, temperature, optimizer and schedule."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    embedder = setup_model(cfg, dist_, device)
     chunk_tokens = cfg.batch.chunk_tokens
     if dist_.active and chunk_tokens == "auto":
         chunk_tokens = auto_chunk_tokens(embedder)   # probe the plain model: the wrapper would communicate
     step_embedder = wrap(embedder, dist_, cfg.distributed.strategy)
     params = embedder.trainable_parameters()     # after wrap: FSDP2 replaced them with sharded DTensors
-    groups = [{"params": params}]
-    log_tau = None
-    if cfg.loss.learnable_temperature:
-        log_tau = torch.nn.Parameter(torch.tensor(math.log(cfg.loss.temperature), device=device))
-        params = params + [log_tau]
-        # No weight decay on the temperature: decay would pull log(tau) toward 0, i.e. tau toward 1.
-        groups.append({"params": [log_tau], "weight_decay": 0.0})
-    optimizer = make_optimizer(groups, cfg.optim, device)
+    temperature = Temperature(cfg.loss.temperature, cfg.loss.learnable_temperature, device)
+    optimizer = make_optimizer([{"params": params}, *temperature.param_groups()], cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    start_step, position, losses = 0, 0, []
-    metrics_path = out / "metrics.jsonl"
-    evals = {}
+    return Run(cfg, dist_, device, out, embedder, step_embedder, temperature, params + temperature.parameters(),
+               optimizer, scheduler, chunk_tokens)
 
-    # Rank 0 picks the checkpoint; every rank loads it (output_dir must be shared between nodes).
-    ckpt = dist_.broadcast_object(latest_checkpoint(out) if resume else None)
-    if ckpt is not None:
-        if not Path(ckpt).exists():
-            raise FileNotFoundError(f"rank {dist_.rank}: checkpoint {ckpt} (chosen by rank 0) is not visible here; "
-                                    "output_dir must be on a filesystem shared by all nodes")
-        state = load_checkpoint(ckpt, embedder, optimizer, scheduler, log_tau)
-        start_step, position, losses = state["step"], state["position"], state["losses"]
-        evals = state.get("evals", {})
-        _restore_rng(state, dist_, cfg, start_step)
-        dist_.on_main(_drop_steps_after, metrics_path, start_step)   # they are recomputed: log each step once
-        dist_.log(f"[train] resumed from {ckpt} at step {start_step}")
-    elif resume:
-        dist_.log(f"[train] --resume: no checkpoint in {out}, starting fresh")
-    tracker = None
-    if cfg.log.tensorboard or cfg.log.wandb:
-        tracker = dist_.on_main(Tracker, cfg.log, out, start_step=start_step, config=dataclasses.asdict(cfg))
 
-    def run_eval(key: str, step: int):    # rank 0 alone (Dist.on_main); the others wait in the next collective
-        def run():
-            evals[key] = evaluate(embedder, cfg.eval, out, step)
-            if tracker is not None:
-                tracker.log_eval(step, cfg.eval.data, evals[key])
-            embedder.model.train()
-        dist_.on_main(run)
+def resume_from_checkpoint(run: Run, reporter: "Reporter") -> Progress:
+    """Rank 0 picks the latest checkpoint; every rank loads it (output_dir must be shared between nodes)."""
+    dist_ = run.dist
+    ckpt = dist_.broadcast_object(latest_checkpoint(run.out))
+    if ckpt is None:
+        reporter.log(f"[train] --resume: no checkpoint in {run.out}, starting fresh")
+        return Progress()
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"rank {dist_.rank}: checkpoint {ckpt} (chosen by rank 0) is not visible here; "
+                                "output_dir must be on a filesystem shared by all nodes")
+    state = load_checkpoint(ckpt, run.embedder, run.optimizer, run.scheduler, run.temperature.log_tau)
+    progress = Progress(state["step"], state["position"], state["losses"], state.get("evals", {}))
+    note = restore_rng(state, dist_.rank, dist_.world_size, run.cfg.seed, progress.step)
+    if note:
+        reporter.log(note)
+    reporter.log(f"[train] resumed from {ckpt} at step {progress.step}")
+    return progress
 
-    if cfg.eval.data and cfg.eval.before_training and start_step == 0:
-        run_eval("before", 0)
 
-    stop = {"flag": False}
+# ------------------------------------------------------------------------------------------------ one step
+def train_step(run: Run, batch: ContrastiveBatch) -> tuple[StepResult, dict]:
+    """One optimizer step on this rank's slice of the global batch; returns the result and the step's metrics
+    (global values: the reductions are collectives every rank calls)."""
+    cfg, dist_ = run.cfg, run.dist
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    res = contrastive_step(run.step_embedder, batch, temperature=run.temperature(), chunk_tokens=run.chunk_tokens,
+                           max_chunk_seqs=cfg.batch.max_chunk_seqs, same_tower=cfg.loss.same_tower,
+                           matryoshka_dims=cfg.loss.matryoshka_dims, matryoshka_weights=cfg.loss.matryoshka_weights,
+                           dist=dist_)
+    sum_grads(run.temperature.parameters(), dist_)   # outside the wrapped module: reduced here, with SUM
+    # The reduced gradients are the global ones, so this is the global pre-clip norm on every rank.
+    gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else 0.0
+    tokens, computed = int(dist_.sum(res.tokens)), int(dist_.sum(res.padded_tokens))
+    peak = dist_.max(peak)
+    rec = {"loss": res.loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
+           "tokens_per_s": tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
+           "real_tokens": tokens, "computed_tokens": computed, "packed": res.packed,
+           **{f"t_{k}": v for k, v in res.timings.items()}}
+    if dist_.active:
+        rec["world_size"] = dist_.world_size
+    if run.temperature.learnable:
+        rec["temperature"] = run.temperature.current()
+    return res, rec
 
-    def on_signal(signum, frame):
-        stop["flag"] = True
-        print(f"\n[train] rank {dist_.rank}: signal {signum}: checkpointing after this step", file=sys.stderr)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def checkpoint(step):
-        rng = dist_.gather_objects(_rng_states())     # every rank's generators (a collective: all ranks call)
-        dist_.on_main(save_checkpoint, out, step, embedder, optimizer, scheduler, log_tau,
-                      {"step": step, "position": position, "losses": losses, "rng": rng[0], "rng_ranks": rng,
-                       "world_size": dist_.world_size, "evals": evals, "config": dataclasses.asdict(cfg)})
-        dist_.barrier()                               # nobody runs ahead of a checkpoint still being written
+# ------------------------------------------------------------------------------------------------ rank 0's voice
+class Reporter:
+    """Rank 0's work: log lines, the progress bar, metrics.jsonl, tracking (TensorBoard / W&B), evaluations,
+    checkpoint and model files. `Reporter.for_rank(dist_, ...)` gives this on rank 0 and a SilentReporter on the
+    others."""
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = dist_.on_main(tqdm, total=cfg.steps, initial=start_step, desc="train", unit="step", file=sys.stderr)
-    try:
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            examples, position = batch_at(data, position, cfg.batch.queries, cfg.seed)
-            batch = shard_batch(to_batch(examples, cfg.batch.negatives, cfg.seed), dist_)
-            tau = log_tau.exp() if log_tau is not None else cfg.loss.temperature
-            res = contrastive_step(step_embedder, batch, temperature=tau, chunk_tokens=chunk_tokens,
-                                   max_chunk_seqs=cfg.batch.max_chunk_seqs, same_tower=cfg.loss.same_tower,
-                                   matryoshka_dims=cfg.loss.matryoshka_dims,
-                                   matryoshka_weights=cfg.loss.matryoshka_weights, dist=dist_)
-            if log_tau is not None:
-                sum_grads([log_tau], dist_)           # outside the wrapped module: reduced here, with SUM
-            # The reduced gradients are the global ones, so this is the global pre-clip norm on every rank.
-            gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            losses.append(res.loss)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-            tokens, computed = int(dist_.sum(res.tokens)), int(dist_.sum(res.padded_tokens))
-            peak = dist_.max(peak)
-            stop["flag"] = dist_.any(stop["flag"])   # one rank's signal stops every rank at this step
-            rec = {"step": step + 1, "loss": res.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
-                   "real_tokens": tokens, "computed_tokens": computed, "packed": res.packed,
-                   **{f"t_{k}": v for k, v in res.timings.items()}}
-            if dist_.active:
-                rec["world_size"] = dist_.world_size
-            if log_tau is not None:
-                rec["temperature"] = float(log_tau.exp())
-            dist_.on_main(_append_jsonl, metrics_path, rec)
-            if tracker is not None:              # exists on rank 0 only
-                tracker.log_step(rec)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                chunks=res.n_chunks, mem=f"{peak:.1f}G")
-            done = step + 1
-            if cfg.eval.data and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
-                run_eval(f"step{done}", done)
-            interrupted = stop["flag"] or (stop_after is not None and done == stop_after)
-            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and not fsdp) or (interrupted and not fsdp):
-                checkpoint(done)
-            if interrupted:
-                return {"losses": losses, "eval": evals, "stopped_at": done, "main": dist_.is_main}
-        if cfg.eval.data:
-            run_eval("after", cfg.steps)
-        if not fsdp:
-            checkpoint(cfg.steps)
-        _save_final(embedder, out / "final", dist_)
-        return {"losses": losses, "eval": evals, "embedder": embedder, "main": dist_.is_main}
-    finally:
-        if bar:
-            bar.close()
-        if tracker is not None:
-            tracker.close()
-        for s, h in old.items():
+    def __init__(self, out: Path, *, progress: bool, evaluate: Evaluate | None, log: LogConfig | None = None,
+                 config: dict | None = None, eval_name: str | None = None):
+        self.out, self.metrics_path = out, out / "metrics.jsonl"
+        self.progress, self.evaluate_fn, self.bar = progress, evaluate, None
+        self.log_cfg, self.config, self.eval_name = log or LogConfig(), config, eval_name
+        self.tracker, self.start_step = None, 0
+
+    @staticmethod
+    def for_rank(dist_: Dist, out: Path, *, progress: bool, evaluate: Evaluate | None, **tracking) -> "Reporter":
+        return Reporter(out, progress=progress, evaluate=evaluate, **tracking) if dist_.is_main else SilentReporter()
+
+    def _track(self) -> Tracker | None:
+        """The tracker, opened on first use: by then `start_step` is known (an evaluation before training only
+        happens on a fresh run), which is where a resumed run's curves continue from."""
+        if self.tracker is None and (self.log_cfg.tensorboard or self.log_cfg.wandb):
+            self.tracker = Tracker(self.log_cfg, self.out, start_step=self.start_step, config=self.config)
+        return self.tracker
+
+    def log(self, msg: str):
+        print(msg, file=sys.stderr)
+
+    def start(self, initial: int, total: int):
+        self.start_step = initial
+        if initial and self.metrics_path.exists():
+            # steps logged after the checkpoint by the interrupted process are recomputed: each step once
+            lines = [line for line in self.metrics_path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["step"] <= initial]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines))
+        if self.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
+
+    def step(self, rec: dict):
+        append_jsonl(self.metrics_path, rec)
+        if self._track():
+            self.tracker.log_step(rec)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                 chunks=rec["chunks"], mem=f"{rec['peak_gb']:.1f}G")
+
+    def evaluate(self, embedder: Embedder, step: int) -> dict | None:
+        metrics = self.evaluate_fn(embedder, step)
+        embedder.model.train()
+        if self._track():
+            self.tracker.log_eval(step, self.eval_name or "eval", metrics)
+        return metrics
+
+    def save_checkpoint(self, run: Run, step: int, state: dict):
+        save_checkpoint(run.out, step, run.embedder, run.optimizer, run.scheduler, run.temperature.log_tau, state)
+
+    def save_model(self, embedder: Embedder, path: Path, adapter_state_dict: dict | None):
+        embedder.save_pretrained(path, adapter_state_dict=adapter_state_dict)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class SilentReporter(Reporter):
+    """Every other rank: nothing to say, nothing to write; they wait for rank 0 in the next collective."""
+
+    def __init__(self):
+        self.bar = self.tracker = None
+
+    def log(self, msg): pass
+    def start(self, initial, total): pass
+    def step(self, rec): pass
+    def evaluate(self, embedder, step): return None
+    def save_checkpoint(self, run, step, state): pass
+    def save_model(self, embedder, path, adapter_state_dict): pass
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+class StopOnSignal:
+    """SIGINT / SIGTERM set a flag; the loop checkpoints after the current step and returns."""
+
+    def __init__(self, rank: int):
+        self.rank, self.flag = rank, False
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _on_signal(self, signum, frame):
+        self.flag = True
+        print(f"\n[train] rank {self.rank}: signal {signum}: checkpointing after this step", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
             signal.signal(s, h)
 
 
-def _drop_steps_after(path: Path, step: int):
-    """Keep the metrics of steps <= `step` (the checkpoint resumed from), rewritten atomically."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+def checkpoint(run: Run, progress: Progress, reporter: Reporter, step: int):
+    rng = run.dist.gather_objects(rng_states())      # every rank's generators (a collective: all ranks call)
+    reporter.save_checkpoint(run, step, {
+        "step": step, "position": progress.position, "losses": progress.losses, "rng": rng[0], "rng_ranks": rng,
+        "world_size": run.dist.world_size, "evals": progress.evals, "config": dataclasses.asdict(run.cfg)})
+    run.dist.barrier()                               # nobody runs ahead of a checkpoint still being written
 
 
-def _append_jsonl(path: Path, rec: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _save_final(embedder, path: Path, dist_):
+def save_final(run: Run, reporter: Reporter):
     """Rank 0 writes the final model; FSDP2's sharded LoRA weights are gathered first (a collective)."""
-    sharded = any(hasattr(p, "full_tensor") for p in embedder.trainable_parameters())
+    embedder = run.embedder
     state = None
-    if sharded:
+    if any(hasattr(p, "full_tensor") for p in embedder.trainable_parameters()):
         state = {n: full_tensor(p.detach()).cpu() for n, p in embedder.model.named_parameters() if p.requires_grad}
-    dist_.on_main(embedder.save_pretrained, path, adapter_state_dict=state)
-    dist_.barrier()
+    reporter.save_model(embedder, run.out / "final", state)
+    run.dist.barrier()
+
+
+def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None = None, resume: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run training; returns {"losses": [...], "eval": {...}, "main": whether this process is the one that speaks}
+    (+ "embedder" when finished, "stopped_at" when interrupted). `stop_after` simulates an interruption (tests).
+    Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
+    dist_, device = init_distributed(cfg.distributed, cfg.device)
+    if dist_.active:
+        check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
+    if dist_.active and cfg.distributed.strategy == "fsdp" and resume:
+        raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
+                         "checkpoints); use strategy ddp")
+    run = setup(cfg, dist_, device)
+    reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate, log=cfg.log,
+                                 config=dataclasses.asdict(cfg), eval_name=cfg.eval.data)
+    for note in batches.notes:
+        reporter.log(note)
+    state = resume_from_checkpoint(run, reporter) if resume else Progress()
+
+    def maybe_evaluate(key: str, step: int):
+        if evaluate is not None:
+            metrics = reporter.evaluate(run.embedder, step)
+            if metrics is not None:
+                state.evals[key] = metrics
+
+    if cfg.eval.before_training and state.step == 0:
+        maybe_evaluate("before", 0)
+    reporter.start(state.step, cfg.steps)
+    try:
+        with StopOnSignal(dist_.rank) as stop:
+            for step in range(state.step, cfg.steps):
+                batch, state.position = batches(state.position)
+                result, rec = train_step(run, shard_batch(batch, dist_))
+                state.losses.append(result.loss)
+                stop.flag = dist_.any(stop.flag)          # one rank's signal stops every rank at this step
+                reporter.step({"step": step + 1, **rec})
+                done = step + 1
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
+                    maybe_evaluate(f"step{done}", done)
+                interrupted = stop.flag or (stop_after is not None and done == stop_after)
+                if not run.fsdp and (interrupted or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                    checkpoint(run, state, reporter, done)
+                if interrupted:
+                    return {"losses": state.losses, "eval": state.evals, "stopped_at": done, "main": dist_.is_main}
+        maybe_evaluate("after", cfg.steps)
+        if not run.fsdp:
+            checkpoint(run, state, reporter, cfg.steps)
+        save_final(run, reporter)
+        return {"losses": state.losses, "eval": state.evals, "embedder": run.embedder, "main": dist_.is_main}
+    finally:
+        reporter.close()

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embforge.common import read_jsonl
+
 
 class BeirFormatError(ValueError):
     """A BEIR file is malformed; the message starts with `file:line:`."""
@@ -33,18 +35,8 @@ class BeirDataset:
 
 
 def _read_jsonl(path: Path):
-    """Yield (line_no, dict) for each non-blank line, raising BeirFormatError on bad JSON."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BeirFormatError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise BeirFormatError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
+    """(line_no, dict) for each non-blank line; BeirFormatError names file:line on bad JSON."""
+    return read_jsonl(path, error=BeirFormatError)
 
 
 def _field(row: dict, key: str, path: Path, line_no: int, *, required: bool = True) -> str:

@@ -14,14 +14,12 @@ import json
 import warnings
 from pathlib import Path
 
+from embforge.data.records import read_records
+
 from .beir import BeirDataset, write_beir
 
 # embforge's own wording (not from the E5 table, which has no chatterbot task).
 CHATTERBOT_INSTRUCTION = "Given a question or remark in a conversation, retrieve the reply that answers it"
-
-
-class SyntheticFormatError(ValueError):
-    """A synthetic JSONL record is malformed; the message starts with `file:line:`."""
 
 
 def chatterbot_dir() -> Path:
@@ -101,34 +99,6 @@ def is_heldout(query: str, fraction: float = 0.1, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def read_synthetic(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) for each synthetic JSONL record, validating the fields evaluation needs."""
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SyntheticFormatError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise SyntheticFormatError(f"{path}:{line_no}: expected a JSON object")
-            for key in ("query", "positive"):
-                if not isinstance(rec.get(key), str) or not rec[key].strip():
-                    raise SyntheticFormatError(f"{path}:{line_no}: field '{key}' must be a non-empty string")
-            if rec.get("instruction") is not None and not isinstance(rec["instruction"], str):
-                raise SyntheticFormatError(f"{path}:{line_no}: field 'instruction' must be a string")
-            negs = rec.get("negatives") or []
-            if isinstance(negs, str):
-                negs = [negs]
-            if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
-                raise SyntheticFormatError(f"{path}:{line_no}: field 'negatives' must be a list of strings")
-            records.append((line_no, {**rec, "negatives": negs}))
-    return records
-
-
 def synthetic_beir(path: str | Path, out_dir: str | Path | None = None, *, fraction: float = 0.1,
                    seed: int = 0, split: str = "test") -> BeirDataset:
     """BEIR split from the held-out records of a synthetic JSONL file (see `is_heldout`).
@@ -144,7 +114,7 @@ def synthetic_beir(path: str | Path, out_dir: str | Path | None = None, *, fract
             corpus[doc_of[text]] = text
         return doc_of[text]
 
-    for line_no, rec in read_synthetic(path):
+    for line_no, rec in read_records(path):   # file:line errors for malformed records
         if not is_heldout(rec["query"], fraction, seed):
             continue
         qid = f"q{line_no}"  # line numbers make every query traceable back to its record
@@ -172,7 +142,7 @@ def _gcide_split(seed: int):
     senses. Retrieval takes words from the front, STS from the back: the two sets never share a word."""
     import random
 
-    from .dictd import foldoc_or_jargon_definitions, gcide_senses
+    from embforge.data.dictd import foldoc_or_jargon_definitions, gcide_senses
 
     senses = gcide_senses()
     trained_terms = set()

@@ -3,8 +3,8 @@
 For each context length: `n_candidates` documents of filler text, each hiding one sentence that gives a unique
 person's pass key at a random position; `n_queries` queries "what is the pass key for <name>?" must retrieve
 their document as top-1 among the candidates. Lengths are measured with the model's own tokenizer.
-`rope_override` changes the RoPE base/scaling on an HF config before the model is built (E5 used base 1e5
-to reach 32k tokens).
+(A longer context: `model.rope_theta`, applied by embforge/engine/rope.py before the model is built; E5 used base
+1e5 to reach 32k tokens.)
 """
 from __future__ import annotations
 
@@ -81,40 +81,3 @@ def evaluate_passkey(encoder, tokenizer, lengths=LENGTHS, *, n_candidates: int =
         top1 = (q @ d.T).argmax(dim=1)
         out[f"passkey_acc_at_{length}"] = (top1 == torch.tensor(task.answers)).float().mean().item()
     return out
-
-
-def rope_override(config, *, rope_theta: float | None = None, rope_scaling: dict | None = None,
-                  max_position_embeddings: int | None = None, sliding_window: int | None = None):
-    """Set RoPE base / scaling (and optionally context limits) on an HF config, in place; returns it.
-
-    Works with transformers >= 5 (`config.rope_parameters`, possibly one dict per attention type) and with
-    older versions (`config.rope_theta`, `config.rope_scaling`). Call it before building the model: the
-    rotary frequencies are computed at construction time.
-    """
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict):
-        nested = all(isinstance(v, dict) for v in params.values()) and params
-        targets = list(params.values()) if nested else [params]
-        for p in targets:
-            if rope_theta is not None:
-                p["rope_theta"] = float(rope_theta)
-            if rope_scaling:
-                p.update(rope_scaling)
-        config.rope_parameters = params
-    else:
-        if rope_theta is not None:
-            config.rope_theta = float(rope_theta)
-        if rope_scaling:
-            config.rope_scaling = dict(rope_scaling)
-    if max_position_embeddings is not None:
-        config.max_position_embeddings = int(max_position_embeddings)
-    if sliding_window is not None:
-        config.sliding_window = int(sliding_window)
-    return config
-
-
-def load_config_with_rope(path: str, **overrides):
-    """`AutoConfig.from_pretrained(path)` with `rope_override(**overrides)` applied (pass as `config=`)."""
-    from transformers import AutoConfig
-
-    return rope_override(AutoConfig.from_pretrained(path), **overrides)

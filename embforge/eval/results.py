@@ -2,19 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """HEAD of the embforge checkout (None outside git or before the first commit)."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+from embforge.common import atomic_write_text, git_commit
 
 
 def make_records(model: str, data: str, metrics: dict, **extra) -> list[dict]:
@@ -30,9 +21,7 @@ def write_results(path: str | Path, records: list[dict]) -> Path:
     """Write records as a JSON list (parents created; written atomically so a crash leaves no half file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from embforge.engine.search import search_chunks
+
 from .beir import BeirDataset, load_beir
 from .metrics import DEFAULT_K, retrieval_metrics
-from .search import search_chunks
 
 
 def _encode_queries(encoder, ds: BeirDataset, qids: list[str], instruction: str | None,

@@ -7,10 +7,11 @@ is applied to both sentences.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from embforge.common import read_jsonl
 
 from .metrics import sts_metrics
 
@@ -52,15 +53,7 @@ def load_sts(path: str | Path) -> StsPairs:
     rows: list[tuple[str, str, float]] = []
     with open(path, encoding="utf-8", newline="") as f:
         if path.suffix == ".jsonl":
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise StsFormatError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise StsFormatError(f"{path}:{line_no}: expected a JSON object")
+            for line_no, obj in read_jsonl(path, error=StsFormatError):
                 rows.append(_parse_row(obj, path, line_no))
         else:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from embforge.common import atomic_write_json
 
 from .client import ChatRequest, ChatResult, LLMClient, interpret
 from .config import BatchConfig
@@ -25,9 +26,7 @@ DONE = ("completed", "failed", "expired", "cancelled")
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    atomic_write_json(path, state)
 
 
 class BatchExecutor:

@@ -8,12 +8,13 @@ Files, for --out DATA.jsonl:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from embforge.common import atomic_write_json
 
 from .client import ChatRequest, ChatResult, LLMClient, RetryPolicy, as_fatal, redact_url, require_api_key
 from .config import SynthConfig
@@ -206,9 +207,7 @@ class Generator:
             "task_shortfall": shortfall, "cost": self.tracker.summary(), "budget_usd": self.cfg.budget_usd,
         }
         path = sidecar(self.out, ".report.json")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        os.replace(tmp, path)  # never leave a half-written report behind
+        atomic_write_json(path, report, indent=2, ensure_ascii=False)   # never a half-written report
         return report
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from embforge.common import atomic_write_json
+from embforge.data import records
 
 from .client import ChatRequest, ChatResult, LLMClient, RetryPolicy, redact_url, require_api_key
 from .cost import DEFAULT_PRICES, Budget, CostTracker
@@ -126,14 +128,14 @@ def record_key(rec: dict) -> str:
 
 
 def read_records(path: str | Path) -> list[dict]:
+    """Input records through the training-record reader (file:line errors); relabel also needs an instruction."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: input records not found")
     out = []
-    for lineno, rec in read_jsonl(path):
-        for k in ("instruction", "query", "positive"):
-            if not isinstance(rec.get(k), str) or not rec[k].strip():
-                raise StoreError(f"{path}:{lineno}: field {k!r} missing or empty")
+    for lineno, rec in records.read_records(path):
+        if not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
+            raise StoreError(f"{path}:{lineno}: field 'instruction' missing or empty")
         out.append(rec)
     return out
 
@@ -159,12 +161,15 @@ def retrieve(encoder, records: list[dict], corpus: list[str], k: int, batch_size
 
 
 class Relabeler:
-    def __init__(self, cfg: RelabelConfig, *, encoder=None, client: LLMClient | None = None):
+    def __init__(self, cfg: RelabelConfig, *, encoder=None, load_encoder=None, client: LLMClient | None = None):
+        """`encoder` (encode(texts, instruction=, batch_size=)), or `load_encoder(cfg.embedder)` called only when
+        there is work to do (the CLI passes embforge.eval.encoders.load_encoder)."""
         for key in ("input", "out", "model"):
             if not getattr(cfg, key):
                 raise ValueError(f"{key}: required (--{key})")
         self.cfg = cfg
         self.encoder = encoder
+        self.load_encoder = load_encoder
         if client is None:
             api_key = os.environ.get(cfg.api_key_env) or cfg.api_key
             require_api_key(cfg.base_url, api_key, cfg.api_key_env)  # before loading an embedder or any request
@@ -227,9 +232,9 @@ class Relabeler:
         try:
             if todo:
                 if self.encoder is None:
-                    from embforge.eval.encoders import load_encoder
-
-                    self.encoder = load_encoder(cfg.embedder)
+                    if self.load_encoder is None:
+                        raise ValueError("relabel: no encoder given (encoder= or load_encoder=)")
+                    self.encoder = self.load_encoder(cfg.embedder)
                 log(f"relabel: retrieving top-{cfg.top_k} of {len(corpus)} passages with {cfg.embedder}")
                 hits = retrieve(self.encoder, todo, corpus, cfg.top_k, cfg.embed_batch_size)
                 index = {t: i for i, t in enumerate(corpus)}
@@ -262,9 +267,7 @@ class Relabeler:
                   "fatal_error": runner.fatal, "grade_outcomes": dict(self.ledger.reasons("grade")),
                   "cost": self.tracker.summary(), "elapsed_s": round(time.time() - t0, 2)}
         path = sidecar(cfg.out, ".report.json")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        os.replace(tmp, path)  # never leave a half-written report behind
+        atomic_write_json(path, report, indent=2, ensure_ascii=False)   # never a half-written report
         return report
 
     def _finish(self, rec: dict, cands: list[int], sims: dict[int, float], corpus: list[str]) -> dict | None:
@@ -308,5 +311,5 @@ class Relabeler:
                 "language": rec.get("language", "English"), "meta": meta}
 
 
-def run_relabel(cfg: RelabelConfig, *, encoder=None, client: LLMClient | None = None) -> dict:
-    return asyncio.run(Relabeler(cfg, encoder=encoder, client=client).run())
+def run_relabel(cfg: RelabelConfig, *, encoder=None, load_encoder=None, client: LLMClient | None = None) -> dict:
+    return asyncio.run(Relabeler(cfg, encoder=encoder, load_encoder=load_encoder, client=client).run())

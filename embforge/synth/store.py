@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from embforge import common
+
 
 class StoreError(ValueError):
     pass
@@ -52,22 +54,7 @@ def repair_tail(path: Path) -> int:
 
 def read_jsonl(path: str | Path, *, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object); a malformed line raises StoreError naming file:line unless skip_bad."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if skip_bad:
-                    continue
-                raise StoreError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                if skip_bad:
-                    continue
-                raise StoreError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return common.read_jsonl(path, error=StoreError, skip_bad=skip_bad)
 
 
 class JsonlAppender:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embforge.data.records import DataError, parse_record
+
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 _SPACE = re.compile(r"\s+")
 _LEFTOVER = re.compile(r"\$\{?[a-z_]+\}?|\{[a-z_]+\}")  # an unfilled placeholder echoed back by the model
@@ -72,6 +74,10 @@ def check_record(rec: dict) -> str | None:
             return f"record_missing:{k}"
     if not isinstance(rec.get("negatives"), list) or not all(isinstance(n, str) for n in rec["negatives"]):
         return "record_bad_negatives"
+    try:
+        parse_record(rec, "synth record")   # the reader training uses: what synth accepts, the trainer reads
+    except DataError:
+        return "record_unreadable"
     return None
 
 

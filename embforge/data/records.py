@@ -1,4 +1,6 @@
-"""Training data: our JSONL and the raw E5 formats, read lazily by byte offset so a resume is exact.
+"""The training-record format and its one reader: our JSONL and the raw E5 formats, read lazily by byte offset so a
+resume is exact. Every consumer validates through `parse_record` (training, `read_records` for mining and the
+held-out split, synth's output), so a record is either usable everywhere or rejected with file:line.
 
 Accepted records (one JSON object per line):
   {"instruction", "query", "positive", "negatives": [...]}                  (ours; `embforge synth` writes it)
@@ -14,6 +16,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from embforge.common import read_jsonl
 
 STS_INSTRUCTION = "Retrieve semantically similar text."
 
@@ -39,12 +43,19 @@ def _str(rec, key, where):
     return v
 
 
+def _negatives(rec: dict):
+    negs = rec.get("negatives") or []
+    return [negs] if isinstance(negs, str) else negs
+
+
 def parse_record(rec: dict, where: str) -> Example:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if rec.get("instruction") is not None and not isinstance(rec["instruction"], str):
+        raise DataError(f"{where}: field 'instruction' must be a string")
     instr = rec.get("instruction") or rec.get("task") or None
     if "query" in rec:
-        negs = rec.get("negatives", [])
+        negs = _negatives(rec)
         if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
             raise DataError(f"{where}: field 'negatives' must be a list of strings")
         return Example(instr, _str(rec, "query", where), _str(rec, "positive", where), negs,
@@ -126,3 +137,17 @@ def read_examples(path, *, skip_bad_lines: bool = False):
     data = ExampleFile(path, skip_bad_lines=skip_bad_lines)
     for i in range(len(data)):
         yield data[i]
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every record of a JSONL file in our format ({"instruction", "query", "positive",
+    "negatives"}, fields beyond these kept), each validated by `parse_record`; `negatives` normalized to a list.
+    For the tools that rewrite or split records (mine, the held-out evaluation split)."""
+    records = []
+    for line_no, rec in read_jsonl(path, error=DataError):
+        where = f"{path}:{line_no}"
+        if "query" not in rec:
+            raise DataError(f"{where}: field 'query' must be a non-empty string")
+        parse_record(rec, where)
+        records.append((line_no, {**rec, "negatives": _negatives(rec)}))
+    return records

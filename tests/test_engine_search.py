@@ -1,7 +1,7 @@
 import torch
 
-from embforge.eval import search as search_mod
-from embforge.eval.search import search, search_chunks
+from embforge.engine import search as search_mod
+from embforge.engine.search import search, search_chunks
 
 
 def _unit(x):

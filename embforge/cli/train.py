@@ -1,9 +1,27 @@
-"""`embforge train | encode | export | merge`."""
+"""`embforge train | encode | export`, and `run_training`: the trainer wired to its data and its evaluation."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+
+
+def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """`embforge train` as a function: the TrainConfig's JSONL files (embforge/data) as the batch source, retrieval
+    on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train. Returns train's result."""
+    from embforge.data.batches import ExampleBatches
+    from embforge.engine.train import train
+
+    batches = ExampleBatches(cfg.data.train, queries=cfg.batch.queries, negatives=cfg.batch.negatives, seed=cfg.seed,
+                             skip_bad_lines=cfg.data.skip_bad_lines)
+    evaluate = None
+    if cfg.eval.data:
+        from embforge.eval.training import evaluate as evaluate_retrieval
+
+        def evaluate(embedder, step: int) -> dict:
+            return evaluate_retrieval(embedder, cfg.eval.data, cfg.output_dir, step, instruction=cfg.eval.instruction,
+                                      max_queries=cfg.eval.max_queries)
+    return train(cfg, batches, evaluate=evaluate, resume=resume, progress=progress, stop_after=stop_after)
 
 
 def add_parser(subparsers) -> None:
@@ -46,30 +64,12 @@ def add_parser(subparsers) -> None:
                    help="dtype of the merged weights (auto: float32; the base is never exported 4-bit)")
     x.set_defaults(func=cmd_export)
 
-    m = subparsers.add_parser("merge", help="merge LoRA models trained from one base in weight space "
-                                            "(average or slerp of the deltas scale * B @ A)")
-    m.add_argument("--models", nargs="+", default=[], metavar="DIR",
-                   help="model folders (a run's final/, an export, a checkpoint folder, or a run folder)")
-    m.add_argument("--run", help="a run folder whose last --last K checkpoints join the merge")
-    m.add_argument("--last", type=int, metavar="K", help="with --run: merge the run's last K checkpoints")
-    m.add_argument("--out", required=True, help="new folder for the merged model")
-    m.add_argument("--weights", nargs="+", type=float, metavar="W",
-                   help="one weight per model, normalized to sum to 1 (default: uniform)")
-    m.add_argument("--method", default="linear", choices=("linear", "slerp"),
-                   help="linear: weighted average of the deltas; slerp: spherical interpolation of two")
-    m.add_argument("--rank", type=int, metavar="R",
-                   help="write a rank-R LoRA adapter (truncated SVD of each merged delta) instead of a full model")
-    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="dtype of the full merged model (the rounding error is reported)")
-    m.set_defaults(func=cmd_merge)
-
 
 def cmd_train(args) -> int:
     from embforge.config import ConfigError, load_config
-    from embforge.engine.data import DataError
-    from embforge.engine.train import TrainConfig, train
-
+    from embforge.data.records import DataError
     from embforge.engine.distributed import check_launch, launched_by_torchrun
+    from embforge.engine.train import TrainConfig
 
     overrides = list(args.set) + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
     try:
@@ -81,7 +81,7 @@ def cmd_train(args) -> int:
                 raise ValueError("--nproc inside torchrun: drop one of them")
             check_launch(cfg, args.nproc)        # refuse before starting N processes
             return _run_torchrun(args)
-        result = train(cfg, resume=args.resume)
+        result = run_training(cfg, resume=args.resume)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"embforge train: error: {e}", file=sys.stderr)
         return 2
@@ -116,23 +116,18 @@ def _read_texts(args, ids: list | None = None) -> list[str]:
     """Texts from the command line and --file; `ids` (if given) receives each text's id: a JSONL line's `_id` or
     `id`, else its position."""
     texts = list(args.texts)
-    if args.file:
-        for n, line in enumerate(Path(args.file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            rec = {"text": line}
-            if args.file.endswith(".jsonl"):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.file}:{n}: invalid JSON ({e.msg})") from e
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ValueError(f"{args.file}:{n}: missing field 'text'")
+    if args.file and args.file.endswith(".jsonl"):
+        from embforge.common import read_jsonl
+        for n, rec in read_jsonl(args.file):
+            if not isinstance(rec.get("text"), str):
+                raise ValueError(f"{args.file}:{n}: missing field 'text'")
             if ids is not None:
                 ids.append(str(rec.get("_id", rec.get("id", len(texts)))))
             texts.append(rec["text"])
-    elif ids is not None:
-        ids.extend(str(i) for i in range(len(texts)))
+    elif args.file:
+        texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if ids is not None and len(ids) < len(texts):
+        ids[:0] = [str(i) for i in range(len(texts) - len(ids))]   # positional texts, or a plain text file
     if not texts:
         raise ValueError("no texts given (positional texts or --file)")
     return texts
@@ -141,8 +136,8 @@ def _read_texts(args, ids: list | None = None) -> list[str]:
 def cmd_encode(args) -> int:
     import torch
 
+    from embforge.engine import Embedder
     from embforge.engine.corpus import encode_corpus
-    from embforge.engine.model import Embedder
     try:
         ids = [] if args.out_dir else None
         texts = _read_texts(args, ids)
@@ -177,20 +172,4 @@ def cmd_export(args) -> int:
         return 2
     for kind, path in written.items():
         print(f"exported {kind}: {path}", file=sys.stderr)
-    return 0
-
-
-def cmd_merge(args) -> int:
-    from embforge.engine.merge import MergeError, last_checkpoints, merge_models, summary
-    try:
-        if (args.run is None) != (args.last is None):
-            raise MergeError("--run and --last go together: --last K --run RUNDIR")
-        models = list(args.models) + ([str(p) for p in last_checkpoints(args.run, args.last)] if args.run else [])
-        report = merge_models(models, args.out, weights=args.weights, method=args.method, rank=args.rank,
-                              dtype=args.dtype)
-    except (MergeError, FileNotFoundError) as e:
-        print(f"embforge merge: error: {e}", file=sys.stderr)
-        return 2
-    print(summary(report), file=sys.stderr)
-    print(f"wrote {args.out} (report: {args.out}/merge.json)", file=sys.stderr)
     return 0

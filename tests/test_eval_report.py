@@ -1,7 +1,10 @@
-"""The demo summary reads its numbers from the run's files."""
+"""The demo summary reads its numbers from the run's files; `embforge eval report` / `heldout` are its commands."""
 import json
+from pathlib import Path
 
-from embforge.engine.demo_report import report
+import pytest
+
+from embforge.eval.report import report
 
 
 def _evals(tmp_path, **ndcg):
@@ -36,3 +39,35 @@ def test_report_without_evals_says_so(tmp_path):
     _evals(tmp_path, trained=(0.2, 0.1, 0.3))
     text = report(tmp_path)
     assert "| trained |" in text and "untrained base" not in text and "gap closed" not in text
+
+
+def test_report_subcommand_prints_the_summary_and_refuses_a_missing_run(tmp_path, capsys):
+    from embforge.cli import main
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "stages.tsv").write_text("train\t5\n")
+    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    assert main(["eval", "report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == report(tmp_path)
+    assert main(["eval", "report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embforge eval: error:") and "stages.tsv" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/usr/share/dictd/gcide.index").exists(), reason="dict-gcide not installed")
+def test_heldout_subcommand_writes_what_evaluate_model_gives(tmp_path):
+    from embforge.cli import main
+    from embforge.eval.encoders import HashingEncoder
+    from embforge.eval.report import evaluate_model
+
+    out = tmp_path / "eval_hashing.json"
+    assert main(["eval", "heldout", "--model", "hashing", "--out", str(out), "--small", "--max-queries", "20"]) == 0
+    got = json.loads(out.read_text())
+    want = evaluate_model(HashingEncoder(), plain=False, max_queries=20, gcide_queries=100, gcide_docs=300,
+                          sts_pairs=100)
+    assert got["model"] == "hashing"
+    for key in ("chatterbot", "gcide", "gcide_sts"):
+        assert {k: v for k, v in got[key].items() if k != "seconds"} == \
+            pytest.approx({k: v for k, v in want[key].items() if k != "seconds"})
+    assert got["chatterbot"]["num_queries"] == 20

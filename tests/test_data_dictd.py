@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from embforge.eval.dictd import DICTD_DIR, foldoc_or_jargon_definitions, gcide_senses, read_dictd
+from embforge.data.dictd import DICTD_DIR, foldoc_or_jargon_definitions, gcide_senses, read_dictd
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 

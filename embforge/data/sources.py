@@ -20,6 +20,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from embforge.common import open_atomic
+
 MODULES = ["json", "os", "os.path", "re", "math", "random", "statistics", "string", "textwrap", "itertools",
            "functools", "collections", "datetime", "time", "shutil", "pathlib", "glob", "csv", "base64", "hashlib",
            "heapq", "bisect", "zlib", "gzip", "tarfile", "zipfile", "urllib.parse", "html", "difflib", "copy",
@@ -84,8 +86,8 @@ def stdlib_records(rng: random.Random) -> list[dict]:
 def dictd_records(rng: random.Random) -> list[dict]:
     """FOLDOC and Jargon File term -> definition (short-long), and both definitions of a shared term (long-long,
     symmetric)."""
-    from embforge.engine.mine import is_near_duplicate
-    from embforge.eval.dictd import foldoc_or_jargon_definitions
+    from embforge.data.dictd import foldoc_or_jargon_definitions
+    from embforge.data.mine import is_near_duplicate
 
     foldoc = foldoc_or_jargon_definitions("foldoc")
     jargon = foldoc_or_jargon_definitions("jargon")
@@ -200,7 +202,7 @@ def build(path: str | Path, seed: int = 0, sources=tuple(SOURCES), cap_per_sourc
     rng.shuffle(records)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open_atomic(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return len(records)

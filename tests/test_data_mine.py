@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from embforge.engine.mine import MineConfig, is_near_duplicate, mine
+from embforge.data.mine import MineConfig, is_near_duplicate, mine
 
 POS = "the cat sat on the mat"
 # text -> cosine with the query (vectors [s, sqrt(1 - s^2)], query [1, 0]); the positive scores 0.8.

@@ -1,4 +1,4 @@
-"""`embforge synth generate|relabel` argument parsing; the work lives in generate.py and relabel.py."""
+"""`embforge synth generate|relabel` argument parsing; the work lives in embforge/synth/generate.py and relabel.py."""
 from __future__ import annotations
 
 import argparse
@@ -110,13 +110,13 @@ def _fail(msg: str, code: int) -> int:
 def cmd_generate(args) -> int:
     from embforge.config import ConfigError
 
-    from .client import FatalAPIError
-    from .config import SynthConfig
-    from .cost import BudgetError
-    from .generate import run_generate
-    from .local import LlamaServer, LocalServerError, local_preset
-    from .store import StoreError
-    from .templates import TemplateError
+    from embforge.synth.client import FatalAPIError
+    from embforge.synth.config import SynthConfig
+    from embforge.synth.cost import BudgetError
+    from embforge.synth.generate import run_generate
+    from embforge.synth.local import LlamaServer, LocalServerError, local_preset
+    from embforge.synth.store import StoreError
+    from embforge.synth.templates import TemplateError
 
     mapping = dict(COMMON, out="out", tasks_per_type="tasks_per_type", examples_per_task="examples_per_task",
                    seed="seed")
@@ -158,11 +158,12 @@ def _print_summary(report: dict) -> None:
 def cmd_relabel(args) -> int:
     from embforge.config import ConfigError
 
-    from .client import FatalAPIError
-    from .cost import BudgetError
-    from .local import LlamaServer, LocalServerError, local_preset
-    from .relabel import RelabelConfig, run_relabel
-    from .store import StoreError
+    from embforge.synth.client import FatalAPIError
+    from embforge.synth.cost import BudgetError
+    from embforge.synth.local import LlamaServer, LocalServerError, local_preset
+    from embforge.eval.encoders import load_encoder
+    from embforge.synth.relabel import RelabelConfig, run_relabel
+    from embforge.synth.store import StoreError
 
     mapping = dict(COMMON, input="input", corpus="corpus", out="out", embedder="embedder", top_k="top_k")
     try:
@@ -176,9 +177,9 @@ def cmd_relabel(args) -> int:
             local_preset(cfg)
             with LlamaServer(n_ctx=2048) as base_url:
                 cfg.base_url = base_url
-                report = run_relabel(cfg)
+                report = run_relabel(cfg, load_encoder=load_encoder)
         else:
-            report = run_relabel(cfg)
+            report = run_relabel(cfg, load_encoder=load_encoder)
     except (ConfigError, BudgetError, StoreError, FileNotFoundError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
     except (FatalAPIError, LocalServerError) as e:

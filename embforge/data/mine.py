@@ -1,7 +1,8 @@
-"""`embforge mine`: hard negatives for (instruction, query, positive[, negatives]) JSONL records.
+"""Hard-negative mining (`embforge mine`; its flags live in embforge/cli/data.py): hard negatives for
+(instruction, query, positive[, negatives]) JSONL records.
 
 For each record: encode the query (with its instruction, as at training time), search the corpus exactly (our
-streaming top-k, embforge/eval/search.py), and keep candidates from a rank window after three filters:
+streaming top-k, embforge/engine/search.py), and keep candidates from a rank window after three filters:
 
 1. the positive itself (same text);
 2. exact or near duplicates of the positive (case/space-folded text equal, or word-set Jaccard >= `near_dup`);
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 import re
 import shutil
 import sys
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from embforge.eval.beir import _read_jsonl
-from embforge.eval.datasets import read_synthetic
-from embforge.eval.search import search_chunks
+from embforge.common import atomic_write_bytes, atomic_write_text, open_atomic, read_jsonl
+from embforge.data.records import read_records
+from embforge.engine.search import search_chunks
 
 FILTERS = ("positive", "duplicate", "margin", "above_window")
 
@@ -98,7 +99,7 @@ def read_corpus(path: str | Path | None, records: list[tuple[int, dict]]) -> lis
     if not path.is_file():
         raise FileNotFoundError(f"{path}: corpus file not found")
     texts, seen = [], set()
-    for line_no, row in _read_jsonl(path):   # BEIR's reader: file:line errors for bad JSON / non-objects
+    for line_no, row in read_jsonl(path):   # file:line errors for bad JSON / non-objects
         if not isinstance(row.get("text"), str):
             raise ValueError(f"{path}:{line_no}: field 'text' must be a string")
         title = row.get("title")
@@ -175,12 +176,6 @@ def _fingerprint(data: Path, corpus: str | None, model: str, cfg: MineConfig) ->
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | None = None,
          cfg: MineConfig | None = None, model_name: str = "encoder", progress: bool = True,
          stop_after_shards: int | None = None) -> dict:
@@ -192,7 +187,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
     cfg = cfg or MineConfig()
     cfg.validate()
     data, out = Path(data), Path(out)
-    records = read_synthetic(data)   # validates query / positive / negatives with file:line errors
+    records = read_records(data)   # validates every record with file:line errors
     if not records:
         raise ValueError(f"{data}: no records")
     texts = read_corpus(corpus, records)
@@ -203,7 +198,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
         print(f"[mine] {parts}: left by a run with other inputs or settings; starting over", file=sys.stderr)
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    _atomic_write(state_file, json.dumps({"fingerprint": fp, "data": str(data), "corpus": str(corpus),
+    atomic_write_text(state_file, json.dumps({"fingerprint": fp, "data": str(data), "corpus": str(corpus),
                                           "model": model_name, "config": dataclasses.asdict(cfg)}))
 
     # Corpus embeddings, cached per shard (the expensive part on a large corpus).
@@ -217,8 +212,9 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
             for j in range(0, len(chunk), 512):   # small encode calls: the progress bar moves
                 pieces.append(encoder.encode(chunk[j:j + 512], instruction=None, batch_size=cfg.batch_size).float())
                 bar.update(len(pieces[-1]))
-            torch.save(torch.cat(pieces), f.with_name(f.name + ".tmp"))
-            os.replace(f.with_name(f.name + ".tmp"), f)
+            buf = io.BytesIO()
+            torch.save(torch.cat(pieces), buf)
+            atomic_write_bytes(f, buf.getvalue())
         else:
             bar.update(len(chunk))
         corpus_files.append(f)
@@ -242,7 +238,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
             counts = dict.fromkeys(("retrieved", *FILTERS, "surplus"), 0)
             negs = [select_negatives(r["positive"], ps, [texts[j] for j in irow], srow, cfg, counts)
                     for r, ps, srow, irow in zip(recs, pos_scores, scores.tolist(), idx.tolist())]
-            _atomic_write(f, json.dumps({"negatives": negs, "counts": counts,
+            atomic_write_text(f, json.dumps({"negatives": negs, "counts": counts,
                                          "short": sum(len(n) < cfg.negatives for n in negs)}))
         bar.update(len(shard))
     bar.close()
@@ -251,8 +247,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
     report = {"records": len(records), "corpus": len(texts), "rank_window": [cfg.rank_start, cfg.rank_end],
               "margin": cfg.margin, "near_dup": cfg.near_dup, "model": model_name,
               "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0}
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fo:
+    with open_atomic(out) as fo:
         for s in range(n_shards):
             shard_out = json.loads((parts / f"shard-{s:05d}.json").read_text())
             for k, v in shard_out["counts"].items():
@@ -266,8 +261,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
                 negs = mined if cfg.mode == "replace" else list(dict.fromkeys([*rec["negatives"], *mined]))
                 report["written"] += len(negs)
                 fo.write(json.dumps({**rec, "negatives": negs}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    _atomic_write(out.with_name(out.name + ".report.json"), json.dumps(report, indent=2))
+    atomic_write_text(out.with_name(out.name + ".report.json"), json.dumps(report, indent=2))
     shutil.rmtree(parts)
     return report
 
@@ -280,53 +274,3 @@ def format_report(r: dict) -> str:
     lines += [f"  beyond the per-record count: {r['surplus']}",
               f"  negatives written: {r['written']} ({r['short']} records got fewer than asked)"]
     return "\n".join(lines)
-
-
-def add_parser(subparsers) -> None:
-    m = subparsers.add_parser("mine", help="mine hard negatives for training JSONL (rank window + margin filter)")
-    m.add_argument("--data", required=True, help="JSONL of {instruction, query, positive[, negatives]}")
-    m.add_argument("--out", required=True, help="output JSONL (may equal --data: written atomically)")
-    m.add_argument("--model", required=True,
-                   help="an embforge model folder, a sentence-transformers folder, 'minilm' or 'hashing'")
-    m.add_argument("--corpus", default=None, help="BEIR folder or corpus JSONL (default: the data's own texts)")
-    d = MineConfig()
-    m.add_argument("--ranks", default=f"{d.rank_start}-{d.rank_end}", help="rank window START-END (1-based)")
-    m.add_argument("--negatives", type=int, default=d.negatives, help="negatives per record")
-    m.add_argument("--margin", type=float, default=d.margin, help="drop candidates >= MARGIN x positive score")
-    m.add_argument("--near-dup", type=float, default=d.near_dup, help="word Jaccard that counts as a duplicate")
-    m.add_argument("--mode", choices=("replace", "append"), default=d.mode)
-    m.add_argument("--shard-size", type=int, default=d.shard_size, help="queries per resumable shard")
-    m.add_argument("--batch-size", type=int, default=d.batch_size)
-    m.add_argument("--max-seq-length", type=int, default=None,
-                   help="truncate texts to N tokens for mining (match the training's max lengths; faster)")
-    m.set_defaults(func=cmd_mine)
-
-
-def _truncate(encoder, n: int):
-    if n < 2:
-        raise ValueError(f"--max-seq-length must be >= 2, got {n}")
-    if hasattr(encoder, "model") and hasattr(encoder.model, "max_seq_length"):       # sentence-transformers
-        encoder.model.max_seq_length = n
-    elif hasattr(encoder, "config") and hasattr(encoder.config, "doc_max_length"):   # embforge Embedder
-        encoder.config.query_max_length = encoder.config.doc_max_length = n
-    else:
-        raise ValueError(f"--max-seq-length: {type(encoder).__name__} has no max length to set")
-
-
-def cmd_mine(args) -> int:
-    from embforge.eval.encoders import load_encoder
-    try:
-        start, _, end = args.ranks.partition("-")
-        cfg = MineConfig(rank_start=int(start), rank_end=int(end or start), negatives=args.negatives,
-                         margin=args.margin, near_dup=args.near_dup, mode=args.mode, shard_size=args.shard_size,
-                         batch_size=args.batch_size)
-        cfg.validate()
-        encoder = load_encoder(args.model)
-        if args.max_seq_length:
-            _truncate(encoder, args.max_seq_length)
-        report = mine(args.data, args.out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"embforge mine: error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report), file=sys.stderr)
-    return 0

@@ -75,6 +75,7 @@ def run_parts(args, device: str, plant: dict | None = None) -> dict:
     import torch
 
     from embforge.bench import common, e2e, summary
+    from embforge.bench.setup import setup_for
     t0 = time.monotonic()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def run_parts(args, device: str, plant: dict | None = None) -> dict:
                 rows = e2e.run(device, out_dir, args.quick, part=part, model_cache=args.model_cache,
                                budget_s=budget, levers=levers, plant=plant)
                 metrics = summary.e2e_metrics(part, rows, device)
-                config = e2e.setup_dict(e2e.setup_for(part, device, args.quick))
+                config = e2e.setup_dict(setup_for(part, device, args.quick))
                 result["attempted"][part] = [r["lever"] for r in rows]
                 if not any(r.get("status") == "ok" for r in rows):
                     raise RuntimeError("no e2e configuration ran: " + "; ".join(r["status"] for r in rows))

@@ -1,20 +1,19 @@
 """The CPU demo's evaluation and summary (markdown).
 
-    python -m embforge.engine.demo_report eval --model {base:CONFIG.yaml | RUN/final | minilm} --out F [--set K=V] [--small]
-    python -m embforge.engine.demo_report report runs/demo
+    embforge eval heldout --model {base:CONFIG.yaml | RUN/final | minilm} --out F [--set K=V] [--small]
+    embforge eval report runs/demo
 
-`eval` scores one model on the held-out sets (none of them trained on): chatterbot Q/A retrieval, GCIDE word ->
-definition retrieval and GCIDE sense-pair similarity (embforge/eval/datasets.py). Our models get the instructions
-(as trained); all-MiniLM-L6-v2 gets plain text, its own usage. `report` reads only the run's files (stages.tsv,
-train/metrics.jsonl, eval_*.json): nothing is typed in.
+`heldout` (evaluate_model here; the model loading is embforge/cli/eval.py's) scores one model on the held-out sets
+(none of them trained on): chatterbot Q/A retrieval, GCIDE word -> definition retrieval and GCIDE sense-pair
+similarity (embforge/eval/datasets.py). Our models get the instructions (as trained); all-MiniLM-L6-v2 gets plain
+text, its own usage. `report` reads only the run's files (stages.tsv, train/metrics.jsonl, eval_*.json): nothing is
+typed in.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,20 +32,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def load_model(spec: str, overrides: list[str] = ()):
-    """`base:CONFIG.yaml` (the config's model, no adapter: the untrained base), `minilm`, or a model folder."""
-    from embforge.eval.encoders import load_encoder
-    if spec.startswith("base:"):
-        from embforge.config import load_config
-        from embforge.engine.model import Embedder
-        from embforge.engine.train import TrainConfig
-        cfg = load_config(TrainConfig, spec[len("base:"):], list(overrides))
-        emb = Embedder.from_config(dataclasses.replace(cfg.model, lora=None), "cpu")
-        emb.eval()
-        return emb
-    return load_encoder(spec, device="cpu")
 
 
 def evaluate_model(encoder, *, plain: bool, max_queries: int | None = None, gcide_queries: int = 300,
@@ -106,7 +91,7 @@ def report(run_dir: str | Path) -> str:
 
     import torch
 
-    from embforge.bench.common import git_commit   # short hash, '-dirty' when tracked files differ from HEAD
+    from embforge.common import git_commit   # short hash, '-dirty' when tracked files differ from HEAD
 
     run = Path(run_dir)
     stages = [line.split("\t") for line in (run / "stages.tsv").read_text().splitlines() if line.strip()]
@@ -136,35 +121,3 @@ def report(run_dir: str | Path) -> str:
         *_side_by_side(run),
     ]
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m embforge.engine.demo_report")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("eval", help="score one model on the held-out sets")
-    e.add_argument("--model", required=True, help="base:CONFIG.yaml, a model folder, or minilm")
-    e.add_argument("--out", required=True)
-    e.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each set")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of a base:CONFIG (e.g. model.pooling=mean)")
-    e.add_argument("--small", action="store_true", help="smaller held-out sets (100 GCIDE words, 300 docs, "
-                                                        "100 pairs) for quick comparisons")
-    r = sub.add_parser("report", help="print the markdown summary of a demo run")
-    r.add_argument("run_dir", nargs="?", default="runs/demo")
-    args = p.parse_args(argv)
-    if args.cmd == "report":
-        sys.stdout.write(report(args.run_dir))
-        return 0
-    t0 = time.perf_counter()
-    sizes = dict(gcide_queries=100, gcide_docs=300, sts_pairs=100) if args.small else {}
-    res = evaluate_model(load_model(args.model, args.set), plain=args.model == "minilm",
-                         max_queries=args.max_queries, **sizes)
-    res["model"], res["seconds"] = args.model, round(time.perf_counter() - t0, 1)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: {m: v.get(m) for m in ("ndcg_at_10", "spearman") if m in v}
-                      for k, v in res.items() if isinstance(v, dict)}), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

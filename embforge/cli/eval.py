@@ -1,15 +1,20 @@
-"""`embforge eval {retrieval,sts,passkey,mteb}`: offline evaluation; every run writes JSON result records."""
+"""`embforge eval {retrieval,sts,passkey,mteb,heldout,report}`: offline evaluation; every run writes JSON results."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from embforge.cli.cached import cache_flags, report_cache, with_cache
+
 HELP = {
     "retrieval": "nDCG@10, MRR@10, Recall@10/100, MAP on a BEIR folder (or the built-in chatterbot set)",
     "sts": "Spearman/Pearson of cosine similarity on STS pairs (.jsonl or .tsv)",
     "passkey": "E5 personalised passkey retrieval, top-1 accuracy per context length",
     "mteb": "run a local BEIR folder through mteb.evaluate with the embforge encoder adapter",
+    "heldout": "score one model on the demo's held-out sets (chatterbot Q/A, GCIDE word -> definition, GCIDE "
+               "sense pairs): one JSON file",
+    "report": "print the markdown summary of a demo run folder (stages.tsv, train/metrics.jsonl, eval_*.json)",
 }
 
 
@@ -21,10 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--instruction", default=None, help="query instruction (E5 template applied to queries only)")
     p.add_argument("--task", default=None, help="take the instruction from the E5 table for this MTEB task name")
+    cache_flags(p)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate an embedder (retrieval, STS, passkey, mteb)",
+    p = subparsers.add_parser("eval", help="evaluate an embedder (retrieval, STS, passkey, mteb; the demo's "
+                                           "heldout sets and report)",
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="eval_command", metavar="<evaluation>")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -61,6 +68,22 @@ def add_parser(subparsers) -> None:
     m.add_argument("--name", default="EmbforgeLocalRetrieval", help="task name shown by mteb")
     m.set_defaults(func=run_mteb_cmd)
 
+    h = sub.add_parser("heldout", help=HELP["heldout"])
+    h.add_argument("--model", required=True,
+                   help="base:CONFIG.yaml (the config's model without adapter: the untrained base), a model folder, "
+                        "or minilm")
+    h.add_argument("--out", required=True, type=Path)
+    h.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each set")
+    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of a base:CONFIG (e.g. model.pooling=mean)")
+    h.add_argument("--small", action="store_true", help="smaller held-out sets (100 GCIDE words, 300 docs, "
+                                                        "100 pairs) for quick comparisons")
+    h.set_defaults(func=run_heldout)
+
+    rep = sub.add_parser("report", help=HELP["report"])
+    rep.add_argument("run_dir", nargs="?", default="runs/demo")
+    rep.set_defaults(func=run_report)
+
 
 def _clean_errors(func):
     """Bad input (malformed files, unknown task names, missing folders) exits 2 with its file:line message."""
@@ -68,14 +91,17 @@ def _clean_errors(func):
 
     @functools.wraps(func)
     def wrapper(args) -> int:
-        from .beir import BeirFormatError
-        from .datasets import SyntheticFormatError
-        from .sts import StsFormatError
+        from embforge.config import ConfigError
+        from embforge.data.records import DataError
+        from embforge.eval.beir import BeirFormatError
+        from embforge.eval.sts import StsFormatError
 
         try:
             return func(args)
-        except (BeirFormatError, StsFormatError, SyntheticFormatError, FileNotFoundError, KeyError) as e:
-            print(f"embforge eval: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        except (BeirFormatError, StsFormatError, DataError, ConfigError, FileNotFoundError, KeyError) as e:
+            msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else \
+                (e.args[0] if e.args else e)
+            print(f"embforge eval: error: {msg}", file=sys.stderr)
             return 2
     return wrapper
 
@@ -84,14 +110,14 @@ def _instruction(args) -> str | None:
     if args.instruction and args.task:
         raise SystemExit("give --instruction or --task, not both")
     if args.task:
-        from .instructions import instruction_for
+        from embforge.eval.instructions import instruction_for
 
         return instruction_for(args.task)
     return args.instruction
 
 
 def _finish(args, data: str, metrics: dict, **extra) -> int:
-    from .results import format_table, make_records, write_results
+    from embforge.eval.results import format_table, make_records, write_results
 
     records = make_records(args.model, data, metrics, **extra)
     print(format_table(records))
@@ -102,44 +128,47 @@ def _finish(args, data: str, metrics: dict, **extra) -> int:
 
 
 def _load_data(spec: str, split: str):
-    from .beir import load_beir
-    from .datasets import chatterbot_beir
+    from embforge.eval.beir import load_beir
+    from embforge.eval.datasets import chatterbot_beir
 
     return chatterbot_beir(split=split) if spec == "chatterbot" else load_beir(spec, split)
 
 
 @_clean_errors
 def run_retrieval(args) -> int:
-    from .encoders import load_encoder
-    from .retrieval import evaluate_retrieval
+    from embforge.eval.encoders import load_encoder
+    from embforge.eval.retrieval import evaluate_retrieval
 
     if args.synthetic:
-        from .datasets import synthetic_beir
+        from embforge.eval.datasets import synthetic_beir
 
         ds, data = synthetic_beir(args.synthetic, fraction=args.heldout_fraction), f"{args.synthetic}:heldout"
     else:
         ds, data = _load_data(args.data, args.split), args.data
     instruction = _instruction(args)
-    metrics = evaluate_retrieval(load_encoder(args.model, args.device), ds, instruction=instruction,
-                                 batch_size=args.batch_size, k_values=args.k, corpus_chunk=args.corpus_chunk)
+    encoder = with_cache(load_encoder(args.model, args.device), args)
+    metrics = evaluate_retrieval(encoder, ds, instruction=instruction, batch_size=args.batch_size, k_values=args.k,
+                                 corpus_chunk=args.corpus_chunk)
+    report_cache(encoder)
     return _finish(args, data, metrics, split=ds.split, instruction=instruction)
 
 
 @_clean_errors
 def run_sts(args) -> int:
-    from .encoders import load_encoder
-    from .sts import evaluate_sts
+    from embforge.eval.encoders import load_encoder
+    from embforge.eval.sts import evaluate_sts
 
     instruction = _instruction(args)
-    metrics = evaluate_sts(load_encoder(args.model, args.device), args.data, instruction=instruction,
-                           batch_size=args.batch_size)
+    encoder = with_cache(load_encoder(args.model, args.device), args)
+    metrics = evaluate_sts(encoder, args.data, instruction=instruction, batch_size=args.batch_size)
+    report_cache(encoder)
     return _finish(args, str(args.data), metrics, instruction=instruction)
 
 
 @_clean_errors
 def run_passkey(args) -> int:
-    from .encoders import load_encoder
-    from .passkey import LENGTHS, evaluate_passkey
+    from embforge.eval.encoders import load_encoder
+    from embforge.eval.passkey import LENGTHS, evaluate_passkey
 
     encoder = load_encoder(args.model, args.device)
     if args.tokenizer:
@@ -164,8 +193,8 @@ def run_mteb_cmd(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from .encoders import load_encoder
-    from .mteb_adapter import beir_task, run_mteb
+    from embforge.eval.encoders import load_encoder
+    from embforge.eval.mteb_adapter import beir_task, run_mteb
 
     task = beir_task(_load_data(args.data, args.split), name=args.name, split=args.split,
                      instruction=_instruction(args))
@@ -174,3 +203,46 @@ def run_mteb_cmd(args) -> int:
     wanted = {k: v for k, v in scores.items() if k.split("_at_")[0] in ("ndcg", "mrr", "recall", "map")
               and k.rsplit("_", 1)[-1] in ("10", "100")}
     return _finish(args, args.data, wanted, split=args.split, evaluator="mteb")
+
+
+def load_heldout_model(spec: str, overrides: list[str] = ()):
+    """`base:CONFIG.yaml` (the config's model, no adapter: the untrained base), `minilm`, or a model folder."""
+    from embforge.eval.encoders import load_encoder
+    if spec.startswith("base:"):
+        import dataclasses
+
+        from embforge.config import load_config
+        from embforge.engine import Embedder
+        from embforge.engine.train import TrainConfig
+        cfg = load_config(TrainConfig, spec[len("base:"):], list(overrides))
+        emb = Embedder.from_config(dataclasses.replace(cfg.model, lora=None), "cpu")
+        emb.eval()
+        return emb
+    return load_encoder(spec, device="cpu")
+
+
+@_clean_errors
+def run_heldout(args) -> int:
+    import json
+    import time
+
+    from embforge.common import atomic_write_json
+    from embforge.eval.report import evaluate_model
+
+    t0 = time.perf_counter()
+    sizes = dict(gcide_queries=100, gcide_docs=300, sts_pairs=100) if args.small else {}
+    res = evaluate_model(load_heldout_model(args.model, args.set), plain=args.model == "minilm",
+                         max_queries=args.max_queries, **sizes)
+    res["model"], res["seconds"] = args.model, round(time.perf_counter() - t0, 1)
+    atomic_write_json(args.out, res, indent=2)
+    print(json.dumps({k: {m: v.get(m) for m in ("ndcg_at_10", "spearman") if m in v}
+                      for k, v in res.items() if isinstance(v, dict)}), file=sys.stderr)
+    return 0
+
+
+@_clean_errors
+def run_report(args) -> int:
+    from embforge.eval.report import report
+
+    sys.stdout.write(report(args.run_dir))
+    return 0

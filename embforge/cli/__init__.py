@@ -1,7 +1,8 @@
-"""`embforge <synth|train|eval|bench|encode|export|merge|mine>`.
+"""`embforge <synth|train|encode|export|merge|mine|data|eval|bench>`.
 
-Each subpackage owns its subcommand: it exposes `add_parser(subparsers)` in its `cli` module, which registers
-the parser and sets `func` (called with the parsed args, returns an exit code). Imports are lazy so that
+The top layer: each module of this package (embforge/cli/<area>.py) registers its subcommands with
+`add_parser(subparsers)`, parses flags, and wires the layers below together (e.g. cli/train.py gives the trainer its
+data and its evaluation hook). The work itself lives in the subpackages. Imports are lazy so that
 `embforge eval --help` does not import the trainer.
 """
 from __future__ import annotations
@@ -12,14 +13,15 @@ import sys
 
 # subcommand -> module with add_parser(subparsers)
 COMMANDS = {
-    "synth": "embforge.synth.cli",
-    "train": "embforge.engine.cli",
-    "encode": "embforge.engine.cli",
-    "export": "embforge.engine.cli",
-    "merge": "embforge.engine.cli",
-    "mine": "embforge.engine.mine",
-    "eval": "embforge.eval.cli",
-    "bench": "embforge.bench.cli",
+    "synth": "embforge.cli.synth",
+    "train": "embforge.cli.train",
+    "encode": "embforge.cli.train",
+    "export": "embforge.cli.train",
+    "merge": "embforge.cli.merge",
+    "mine": "embforge.cli.data",
+    "data": "embforge.cli.data",
+    "eval": "embforge.cli.eval",
+    "bench": "embforge.cli.bench",
 }
 
 
