@@ -124,7 +124,7 @@ class CachedEncoder:
             rows = [by_key[k] if row is None else row for k, row in zip(keys, rows)]
         self.encoded += len(todo)
         self.reused += len(texts) - len(todo)
-        return torch.stack([torch.as_tensor(np.asarray(r)) if not isinstance(r, torch.Tensor) else r
+        return torch.stack([r if isinstance(r, torch.Tensor) else torch.from_numpy(np.array(r, dtype=np.float32))
                             for r in rows]).float()
 
 

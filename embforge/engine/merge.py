@@ -161,6 +161,9 @@ def _attach(sources: list[Source], base_model):
                 model = PeftModel.from_pretrained(model, str(s.adapter_dir), adapter_name=name)
             else:
                 model.load_adapter(str(s.adapter_dir), adapter_name=name)
+            if getattr(model.peft_config[name], "use_dora", False):
+                # DoRA rescales each column by a learned magnitude: its model is not base + scale * B @ A
+                raise MergeError(f"{s.adapter_dir}: a DoRA adapter; merge handles plain LoRA only")
             continue
         if i == 0:
             model = get_peft_model(model, configs[i], adapter_name=name)
