@@ -40,7 +40,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arm, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append((arm, str(e)))
+        mapping_arms = [e for arm, e in errors if dataclasses.is_dataclass(arm) or typing.get_origin(arm) is dict]
+        if isinstance(value, dict) and len(mapping_arms) == 1:
+            raise ConfigError(mapping_arms[0])      # the one arm a mapping can be: its error names the inner key
         raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is typing.Literal:
         if value not in args:
@@ -104,7 +107,12 @@ def build_dataclass(cls: type[T], data: dict, prefix: str = "") -> T:
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except ConfigError as e:    # a nested dataclass names its own keys; the caller knows where it sits
+            if not prefix:
+                raise
+            raise ConfigError(f"{prefix}{e}") from None
     return obj
 
 

@@ -99,3 +99,25 @@ def test_wandb_without_the_package_is_a_clear_error(data, tmp_path, capsys):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs the wandb package" in err and not (tmp_path / "w").exists()
+
+
+def test_per_dataset_loss_curves(data, tmp_path):
+    """Two named datasets, homogeneous batches: each step's loss goes to its dataset's curve, and the curves
+    partition the steps."""
+    lines = (data / "train.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:200]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[200:400]) + "\n")
+    out = tmp_path / "run"
+    specs = f"[{{path: {tmp_path / 'a.jsonl'}, name: alpha}}, {{path: {tmp_path / 'b.jsonl'}, name: beta}}]"
+    cfg = _cfg(data, out, "steps=6", "eval.data=null", "loss.learnable_temperature=false", f"data.train={specs}")
+    train(cfg, progress=False)
+    tb = _scalars(out)
+    metrics = _jsonl(out / "metrics.jsonl")
+    by_name = {name: [(r["step"], r["loss"]) for r in metrics if r.get("dataset") == name]
+               for name in ("alpha", "beta")}
+    assert by_name["alpha"] and by_name["beta"]                              # both datasets were drawn
+    for name, want in by_name.items():
+        got = tb[f"train/loss/{name}"]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert sorted(s for name in by_name for s, _ in tb[f"train/loss/{name}"]) == list(range(1, 7))

@@ -7,13 +7,15 @@ from pathlib import Path
 
 
 def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """`embforge train` as a function: the TrainConfig's JSONL files (embforge/data) as the batch source, retrieval
-    on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train. Returns train's result."""
+    """`embforge train` as a function: the TrainConfig's datasets (embforge/data: the multi-dataset sampler) as the
+    batch source, retrieval on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train.
+    Returns train's result."""
     from embforge.data.batches import ExampleBatches
     from embforge.engine.train import train
 
     batches = ExampleBatches(cfg.data.train, queries=cfg.batch.queries, negatives=cfg.batch.negatives, seed=cfg.seed,
-                             skip_bad_lines=cfg.data.skip_bad_lines)
+                             sampling=cfg.batch.sampling, skip_bad_lines=cfg.data.skip_bad_lines)
+    _check_step_supports(batches.datasets)
     evaluate = None
     if cfg.eval.data:
         from embforge.eval.training import evaluate as evaluate_retrieval
@@ -22,6 +24,19 @@ def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after
             return evaluate_retrieval(embedder, cfg.eval.data, cfg.output_dir, step, instruction=cfg.eval.instruction,
                                       max_queries=cfg.eval.max_queries)
     return train(cfg, batches, evaluate=evaluate, resume=resume, progress=progress, stop_after=stop_after)
+
+
+def _check_step_supports(datasets) -> None:
+    """Refuse, before any model loads, a dataset setting the GradCache step cannot honour."""
+    import inspect
+
+    from embforge.config import ConfigError
+    from embforge.engine.gradcache import contrastive_step
+
+    off = [d.key for d in datasets if not d.in_batch_negatives]
+    if off and "in_batch_negatives" not in inspect.signature(contrastive_step).parameters:
+        raise ConfigError(f"{off[0]}.in_batch_negatives: false is not supported by this build: the GradCache step "
+                          "(engine/gradcache.contrastive_step) has no in_batch_negatives option yet")
 
 
 def add_parser(subparsers) -> None:
@@ -89,7 +104,7 @@ def cmd_train(args) -> int:
         _leave_process_group()
     if result["main"]:   # one voice: Dist.is_main, as train decided it
         print(json.dumps({"final_loss": result["losses"][-1], "steps": len(result["losses"]),
-                          "eval": result["eval"]}, indent=2))
+                          "datasets": result["datasets"], "eval": result["eval"]}, indent=2))
     return 0
 
 

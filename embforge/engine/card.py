@@ -53,8 +53,11 @@ def base_model_name(path: str) -> str:
     return path
 
 
-def _dataset_name(path: str) -> str:
-    return Path(path).stem if ("/" in path or path.endswith(".jsonl")) else path
+def _dataset_name(entry) -> str:
+    """A data.train entry (a path, or a dataset spec with path and optional name) or an eval data name."""
+    if isinstance(entry, dict):
+        return entry.get("name") or _dataset_name(entry["path"])
+    return Path(entry).stem if ("/" in entry or entry.endswith(".jsonl")) else entry
 
 
 def _count_lines(path: str) -> int | None:
@@ -121,10 +124,10 @@ def _recipe(model: dict, record: dict) -> list[str]:
                                f"{optim['warmup_steps']} warmup steps, weight decay {optim['weight_decay']}"),
                  ("steps", f"{cfg['steps']} (seed {cfg['seed']}), {cfg['steps'] * batch['queries']} query examples "
                            "seen")]
-        for path in cfg["data"]["train"]:
-            n = _count_lines(path)
-            rows.append(("training data", f"`{_dataset_name(path)}` ({n} examples)" if n is not None
-                         else f"`{_dataset_name(path)}`"))
+        for entry in cfg["data"]["train"]:
+            n = _count_lines(entry["path"] if isinstance(entry, dict) else entry)
+            rows.append(("training data", f"`{_dataset_name(entry)}` ({n} examples)" if n is not None
+                         else f"`{_dataset_name(entry)}`"))
     metrics = record["metrics"]
     if metrics:
         rows.append(("loss curve", f"{metrics[0]['loss']:.4f} at step {metrics[0]['step']} -> "

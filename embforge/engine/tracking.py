@@ -6,7 +6,8 @@ uploads later). A tracker exists on rank 0 only: the trainer creates and calls i
 decides rank 0's work.
 
 Per optimizer step: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/peak_memory_gb,
-train/temperature (learnable temperature only), train/loss/<dataset> when a step reports per-dataset losses.
+train/temperature (learnable temperature only), and train/loss/<dataset> when the step's batch came from one named
+dataset (homogeneous sampling), so each dataset's curve is its own.
 Per evaluation: eval/<data>/<metric> at the step it was taken.
 
 Resume: the writer opens with purge_step = the checkpoint's step + 1, so steps logged after that checkpoint by the
@@ -63,8 +64,8 @@ class Tracker:
     def log_step(self, rec: dict):
         step = rec["step"]
         scalars = {tag: float(rec[key]) for key, tag in STEP_SCALARS.items() if rec.get(key) is not None}
-        for name, value in (rec.get("dataset_loss") or {}).items():
-            scalars[f"train/loss/{name}"] = float(value)
+        if rec.get("dataset") is not None:       # a homogeneous batch: this step's loss is its dataset's
+            scalars[f"train/loss/{rec['dataset']}"] = float(rec["loss"])
         self._log(scalars, step)
 
     def log_eval(self, step: int, data: str, metrics: dict):
