@@ -64,6 +64,7 @@ def _check_against_files(out):
     return tb
 
 
+@pytest.mark.slow
 def test_event_files_equal_metrics_also_after_resume(data, tmp_path):
     full = tmp_path / "full"
     train(_cfg(data, full), progress=False)
