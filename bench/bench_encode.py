@@ -68,7 +68,7 @@ def main() -> int:
              f"{datetime.now(timezone.utc).isoformat(timespec='minutes')}, {platform.processor() or platform.machine()}"
              f", torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end "
-             "(a shared machine: read the ratio, not the absolute rate).", "",
+             "(on a shared machine neither the rates nor their ratio are reliable).", "",
              f"{len(texts)} documents, {tokens} tokens (doc_max_length 256); same exported model; "
              f"max |difference| of the vectors: {diff:.2e}.", "",
              "| encoder | setting | seconds | docs/s | tokens/s |", "|---|---|---|---|---|"]
