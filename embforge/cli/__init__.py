@@ -1,4 +1,4 @@
-"""`embforge <synth|train|encode|export|mine|data|eval|bench>`.
+"""`embforge <synth|train|encode|export|merge|mine|data|eval|bench>`.
 
 The top layer: each module of this package (embforge/cli/<area>.py) registers its subcommands with
 `add_parser(subparsers)`, parses flags, and wires the layers below together (e.g. cli/train.py gives the trainer its
@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "embforge.cli.train",
     "encode": "embforge.cli.train",
     "export": "embforge.cli.train",
+    "merge": "embforge.cli.merge",
     "mine": "embforge.cli.data",
     "data": "embforge.cli.data",
     "eval": "embforge.cli.eval",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from embforge.cli.cached import cache_flags, report_cache, with_cache
 from embforge.data.mine import MineConfig
 
 
@@ -30,6 +31,7 @@ def add_parser(subparsers) -> None:
                         "positive and each negative (\"scores\": [positive, negative 1, ...]; loss.distill_weight)")
     m.add_argument("--max-seq-length", type=int, default=None,
                    help="truncate texts to N tokens for mining (match the training's max lengths; faster)")
+    cache_flags(m)
     m.set_defaults(func=cmd_mine)
 
     dp = subparsers.add_parser("data", help="build training data (the demo's offline sources)",
@@ -73,10 +75,12 @@ def cmd_mine(args) -> int:
         encoder = load_encoder(args.model)
         if args.max_seq_length:
             _truncate(encoder, args.max_seq_length)
+        encoder = with_cache(encoder, args)    # after truncation: the max length is part of the fingerprint
         for data, out in jobs:
             # each dataset against its own texts (unless --corpus): its negatives come from its own task
             report = mine(data, out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
             print((f"{data} -> {out}: " if len(jobs) > 1 else "") + format_report(report), file=sys.stderr)
+        report_cache(encoder)
     except (ValueError, FileNotFoundError) as e:
         print(f"embforge mine: error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from embforge.cli.cached import cache_flags, report_cache, with_cache
+
 HELP = {
     "retrieval": "nDCG@10, MRR@10, Recall@10/100, MAP on a BEIR folder (or the built-in chatterbot set)",
     "sts": "Spearman/Pearson of cosine similarity on STS pairs (.jsonl or .tsv)",
@@ -24,6 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--instruction", default=None, help="query instruction (E5 template applied to queries only)")
     p.add_argument("--task", default=None, help="take the instruction from the E5 table for this MTEB task name")
+    cache_flags(p)
 
 
 def add_parser(subparsers) -> None:
@@ -143,8 +146,10 @@ def run_retrieval(args) -> int:
     else:
         ds, data = _load_data(args.data, args.split), args.data
     instruction = _instruction(args)
-    metrics = evaluate_retrieval(load_encoder(args.model, args.device), ds, instruction=instruction,
-                                 batch_size=args.batch_size, k_values=args.k, corpus_chunk=args.corpus_chunk)
+    encoder = with_cache(load_encoder(args.model, args.device), args)
+    metrics = evaluate_retrieval(encoder, ds, instruction=instruction, batch_size=args.batch_size, k_values=args.k,
+                                 corpus_chunk=args.corpus_chunk)
+    report_cache(encoder)
     return _finish(args, data, metrics, split=ds.split, instruction=instruction)
 
 
@@ -154,8 +159,9 @@ def run_sts(args) -> int:
     from embforge.eval.sts import evaluate_sts
 
     instruction = _instruction(args)
-    metrics = evaluate_sts(load_encoder(args.model, args.device), args.data, instruction=instruction,
-                           batch_size=args.batch_size)
+    encoder = with_cache(load_encoder(args.model, args.device), args)
+    metrics = evaluate_sts(encoder, args.data, instruction=instruction, batch_size=args.batch_size)
+    report_cache(encoder)
     return _finish(args, str(args.data), metrics, instruction=instruction)
 
 

@@ -60,7 +60,13 @@ def add_parser(subparsers) -> None:
     e.add_argument("--file", help="one text per line, or JSONL with a 'text' field")
     e.add_argument("--instruction", help="embed as queries with this task instruction")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--out", required=True, help=".pt (tensor) or .jsonl (one embedding per line)")
+    where = e.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help=".pt (tensor) or .jsonl (one embedding per line)")
+    where.add_argument("--out-dir", help="a corpus: shards + manifest.json, resumable (rerun the same command after "
+                                         "an interruption; finished shards are kept)")
+    e.add_argument("--shard-size", type=int, default=4096, help="with --out-dir: texts per shard")
+    e.add_argument("--token-budget", type=int, default=16384,
+                   help="with --out-dir: tokens per batch (real tokens when packed, else batch x longest)")
     e.set_defaults(func=cmd_encode)
 
     x = subparsers.add_parser("export", help="write adapter (+ merged model, + sentence-transformers folder)")
@@ -125,16 +131,22 @@ def _leave_process_group():
         dist.destroy_process_group()
 
 
-def _read_texts(args) -> list[str]:
+def _read_texts(args, ids: list | None = None) -> list[str]:
+    """Texts from the command line and --file; `ids` (if given) receives each text's id: a JSONL line's `_id` or
+    `id`, else its position."""
     texts = list(args.texts)
     if args.file and args.file.endswith(".jsonl"):
         from embforge.common import read_jsonl
         for n, rec in read_jsonl(args.file):
-            if "text" not in rec:
+            if not isinstance(rec.get("text"), str):
                 raise ValueError(f"{args.file}:{n}: missing field 'text'")
+            if ids is not None:
+                ids.append(str(rec.get("_id", rec.get("id", len(texts)))))
             texts.append(rec["text"])
     elif args.file:
         texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if ids is not None and len(ids) < len(texts):
+        ids[:0] = [str(i) for i in range(len(texts) - len(ids))]   # positional texts, or a plain text file
     if not texts:
         raise ValueError("no texts given (positional texts or --file)")
     return texts
@@ -144,10 +156,18 @@ def cmd_encode(args) -> int:
     import torch
 
     from embforge.engine import Embedder
+    from embforge.engine.corpus import encode_corpus
     try:
-        texts = _read_texts(args)
+        ids = [] if args.out_dir else None
+        texts = _read_texts(args, ids)
         emb = Embedder.from_pretrained(args.model)
-    except (ValueError, FileNotFoundError) as e:
+        if args.out_dir:
+            done = encode_corpus(emb, texts, args.out_dir, ids=ids, instruction=args.instruction,
+                                 shard_size=args.shard_size, token_budget=args.token_budget)
+            print(f"{args.out_dir}: {done['n']} embeddings of dim {done['dim']} in {len(done['shards'])} shards "
+                  f"({done['encoded_now']} encoded now, the rest kept from before)", file=sys.stderr)
+            return 0
+    except (ValueError, FileNotFoundError) as e:   # CorpusError is a ValueError
         print(f"embforge encode: error: {e}", file=sys.stderr)
         return 2
     vecs = emb.encode(texts, instruction=args.instruction, batch_size=args.batch_size, progress=True)

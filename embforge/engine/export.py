@@ -171,11 +171,14 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     """Write `out_dir/` (embforge folder: adapter + config, what `embforge encode` loads), and optionally
     `out_dir/merged/` and `out_dir/sentence-transformers/`. Returns what was written."""
     emb = load_for_export(model_dir, dtype)
-    if not hasattr(emb.model, "peft_config"):
-        raise ExportError(f"{model_dir} holds no LoRA adapter (already a merged export?); export a run's "
-                          "output_dir/final")
-    trained = json.loads((Path(model_dir) / "embforge_config.json").read_text())["model"]
+    source = json.loads((Path(model_dir) / "embforge_config.json").read_text())
+    trained = source["model"]
     out = Path(out_dir)
+    if not hasattr(emb.model, "peft_config"):
+        if not source.get("merged"):
+            raise ExportError(f"{model_dir} holds no LoRA adapter and no merged model; export a run's "
+                              "output_dir/final")
+        return _export_full(emb, Path(model_dir), source, out, sentence_transformers, instruction)
     written = {"embforge": str(emb.save_pretrained(out))}
     meta_file = out / "embforge_config.json"
     meta = json.loads(meta_file.read_text())
@@ -192,4 +195,36 @@ def export(model_dir: str | Path, out_dir: str | Path, *, merge: bool = False, s
     if sentence_transformers:
         written["sentence_transformers"] = str(write_sentence_transformers(emb, merged, out / "sentence-transformers",
                                                                            instruction))
+    _write_cards(model_dir, meta["model"], written, instruction)
+    return written
+
+
+def _write_cards(model_dir, model: dict, written: dict, instruction: str):
+    """README.md model cards in the embforge folder and the sentence-transformers folder (engine/card.py)."""
+    from embforge.engine.card import run_record, write_card
+
+    record = run_record(model_dir)
+    st_path = written.get("sentence_transformers", str(Path(written["embforge"]) / "sentence-transformers"))
+    for key, library in (("embforge", "embforge"), ("sentence_transformers", "sentence-transformers")):
+        if key in written:
+            write_card(written[key], model, record, library=library, instruction=instruction, st_path=st_path,
+                       ef_path=written["embforge"])
+
+
+def _export_full(emb, source_dir: Path, source: dict, out: Path, sentence_transformers: bool,
+                 instruction: str) -> dict:
+    """A full model without adapter (a merged export, `embforge merge`): the embforge folder is the model itself."""
+    model = emb.model
+    model.save_pretrained(out / "merged", safe_serialization=True)
+    emb.tokenizer.save_pretrained(out / "merged")
+    emb.tokenizer.save_pretrained(out / "tokenizer")
+    meta = {"model": source["model"], "merged": True}
+    (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
+    if (source_dir / "merge.json").exists():
+        shutil.copy(source_dir / "merge.json", out / "merge.json")
+    written = {"embforge": str(out), "merged": str(out / "merged")}
+    if sentence_transformers:
+        written["sentence_transformers"] = str(write_sentence_transformers(emb, model, out / "sentence-transformers",
+                                                                           instruction))
+    _write_cards(source_dir, source["model"], written, instruction)
     return written

@@ -69,6 +69,19 @@ def lora_layers(model, requested) -> list[int] | None:
     return sorted(set(requested))
 
 
+def peft_lora_config(model, lora: LoraConfig):
+    """peft's LoraConfig for `lora` on this model (targets and layers checked against it): training and
+    `embforge merge` (which re-creates a checkpoint's adapter) build adapters the same way."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = lora_targets(model, lora.targets)
+    layers = lora_layers(model, lora.layers)
+    # layers_pattern "layers": the decoder stack of every family we support is <model>.layers.
+    where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          bias="none", **where)
+
+
 @dataclass
 class ModelConfig:
     path: str = "smollm2"               # "smollm2" = the offline SmolLM2-135M asset, "tiny-<family>" = random test
@@ -247,16 +260,9 @@ class Embedder(torch.nn.Module):
             _checkpointing(model, True)
         if cfg.lora is None:
             return model
-        from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        targets = lora_targets(model, cfg.lora.targets)
-        layers = lora_layers(model, cfg.lora.layers)
-        # layers_pattern "layers": the decoder stack of every family we support is <model>.layers.
-        where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
-        peft_model = get_peft_model(model, PeftLoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
-            bias="none", **where))
+        peft_model = get_peft_model(model, peft_lora_config(model, cfg.lora))
         if cfg.gradient_checkpointing:
             model.disable_input_require_grads()   # peft hooks the input again (see _checkpointing)
         return peft_model

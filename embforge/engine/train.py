@@ -22,6 +22,7 @@ ranks; collectives are called by every rank, here, in the same order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -32,7 +33,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from embforge.common import append_jsonl
+from embforge.common import append_jsonl, atomic_write_text
 from embforge.config import ConfigError
 from embforge.engine.batch import ContrastiveBatch, shard_batch
 from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
@@ -41,6 +42,7 @@ from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, 
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
 from embforge.engine.model import Embedder, ModelConfig
 from embforge.engine.temperature import Temperature
+from embforge.engine.tracking import LogConfig, Tracker
 
 
 @dataclass
@@ -147,6 +149,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)   # used only under torchrun
+    log: LogConfig = field(default_factory=LogConfig)   # TensorBoard / W&B (engine/tracking.py)
     steps: int = 100
     seed: int = 0
     output_dir: str = "runs/default"
@@ -337,27 +340,46 @@ def train_step(run: Run, batch: ContrastiveBatch) -> tuple[StepResult, dict]:
 
 # ------------------------------------------------------------------------------------------------ rank 0's voice
 class Reporter:
-    """Rank 0's work: log lines, the progress bar, metrics.jsonl, evaluations, checkpoint and model files.
-    `Reporter.for_rank(dist_, ...)` gives this on rank 0 and a SilentReporter on the others."""
+    """Rank 0's work: log lines, the progress bar, metrics.jsonl, tracking (TensorBoard / W&B), evaluations,
+    checkpoint and model files. `Reporter.for_rank(dist_, ...)` gives this on rank 0 and a SilentReporter on the
+    others."""
 
-    def __init__(self, out: Path, *, progress: bool, evaluate: Evaluate | None):
-        self.metrics_path = out / "metrics.jsonl"
+    def __init__(self, out: Path, *, progress: bool, evaluate: Evaluate | None, log: LogConfig | None = None,
+                 config: dict | None = None, eval_name: str | None = None):
+        self.out, self.metrics_path = out, out / "metrics.jsonl"
         self.progress, self.evaluate_fn, self.bar = progress, evaluate, None
+        self.log_cfg, self.config, self.eval_name = log or LogConfig(), config, eval_name
+        self.tracker, self.start_step = None, 0
 
     @staticmethod
-    def for_rank(dist_: Dist, out: Path, *, progress: bool, evaluate: Evaluate | None) -> "Reporter":
-        return Reporter(out, progress=progress, evaluate=evaluate) if dist_.is_main else SilentReporter()
+    def for_rank(dist_: Dist, out: Path, *, progress: bool, evaluate: Evaluate | None, **tracking) -> "Reporter":
+        return Reporter(out, progress=progress, evaluate=evaluate, **tracking) if dist_.is_main else SilentReporter()
+
+    def _track(self) -> Tracker | None:
+        """The tracker, opened on first use: by then `start_step` is known (an evaluation before training only
+        happens on a fresh run), which is where a resumed run's curves continue from."""
+        if self.tracker is None and (self.log_cfg.tensorboard or self.log_cfg.wandb):
+            self.tracker = Tracker(self.log_cfg, self.out, start_step=self.start_step, config=self.config)
+        return self.tracker
 
     def log(self, msg: str):
         print(msg, file=sys.stderr)
 
     def start(self, initial: int, total: int):
+        self.start_step = initial
+        if initial and self.metrics_path.exists():
+            # steps logged after the checkpoint by the interrupted process are recomputed: each step once
+            lines = [line for line in self.metrics_path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["step"] <= initial]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines))
         if self.progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
 
     def step(self, rec: dict, per_dataset: dict | None = None):
         append_jsonl(self.metrics_path, rec)
+        if self._track():
+            self.tracker.log_step(rec)
         if self.bar:
             self.bar.update(1)
             extra = {"data": format_per_dataset(per_dataset)} if per_dataset else {}
@@ -367,6 +389,8 @@ class Reporter:
     def evaluate(self, embedder: Embedder, step: int) -> dict | None:
         metrics = self.evaluate_fn(embedder, step)
         embedder.model.train()
+        if self._track():
+            self.tracker.log_eval(step, self.eval_name or "eval", metrics)
         return metrics
 
     def save_checkpoint(self, run: Run, step: int, state: dict):
@@ -378,6 +402,8 @@ class Reporter:
     def close(self):
         if self.bar:
             self.bar.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def format_per_dataset(per_dataset: dict) -> str:
@@ -389,7 +415,7 @@ class SilentReporter(Reporter):
     """Every other rank: nothing to say, nothing to write; they wait for rank 0 in the next collective."""
 
     def __init__(self):
-        self.bar = None
+        self.bar = self.tracker = None
 
     def log(self, msg): pass
     def start(self, initial, total): pass
@@ -456,7 +482,8 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
         raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
                          "checkpoints); use strategy ddp")
     run = setup(cfg, dist_, device)
-    reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate)
+    reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate, log=cfg.log,
+                                 config=dataclasses.asdict(cfg), eval_name=cfg.eval.data)
     log_notes(batches, reporter)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
 
