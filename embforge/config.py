@@ -34,13 +34,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arm in args:
-            if arm is type(None):
-                continue
+        arms = [arm for arm in args if arm is not type(None)]
+        for arm in arms:
             try:
                 return _coerce(value, arm, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+                if len(arms) == 1 or (isinstance(value, dict) and dataclasses.is_dataclass(arm)):
+                    raise   # the one arm this value was meant for: its own message names the inner key
         raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is typing.Literal:
         if value not in args:
@@ -104,7 +105,12 @@ def build_dataclass(cls: type[T], data: dict, prefix: str = "") -> T:
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):
-        check()
+        try:
+            check()
+        except ConfigError:
+            raise
+        except ValueError as e:   # a value out of range: the message names its key
+            raise ConfigError(str(e)) from None
     return obj
 
 

@@ -6,6 +6,7 @@ batch (it then takes its slice: engine/batch.py shard_batch).
 """
 from __future__ import annotations
 
+from embforge.data.plan import repeat_warning
 from embforge.data.records import ExampleFile, batch_at
 from embforge.engine.batch import ContrastiveBatch, to_batch
 
@@ -19,7 +20,8 @@ class ExampleBatches:
     def notes(self) -> list[str]:
         """Lines for the training log (rank 0 prints them once)."""
         skipped = self.data.skipped
-        return [f"[train] skipped {len(skipped)} bad lines; first: {skipped[0]}"] if skipped else []
+        notes = [f"[train] skipped {len(skipped)} bad lines; first: {skipped[0]}"] if skipped else []
+        return notes + [w for w in [repeat_warning(len(self.data), self.queries)] if w]
 
     def __call__(self, position: int) -> tuple[ContrastiveBatch, int]:
         """The global batch at `position` and the position after it."""

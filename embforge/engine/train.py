@@ -34,11 +34,13 @@ import torch
 
 from embforge.common import append_jsonl
 from embforge.engine.batch import ContrastiveBatch, shard_batch
+from embforge.engine.checks import check_train_values
 from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
 from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
                                          rank_seed, sum_grads, wrap)
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
 from embforge.engine.model import Embedder, ModelConfig
+from embforge.engine.rundir import prepare_output_dir, trim_steps
 from embforge.engine.temperature import Temperature
 
 
@@ -111,6 +113,7 @@ class TrainConfig:
             raise ValueError(f"batch.packing must be true, false or 'auto', got {self.batch.packing!r}")
         if self.optim.decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.decay must be linear, cosine or constant, got {self.optim.decay!r}")
+        check_train_values(self)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -274,6 +277,11 @@ class Reporter:
     def log(self, msg: str):
         print(msg, file=sys.stderr)
 
+    def resume_at(self, step: int):
+        """Logs hold this run up to `step` only: what a crash after the last checkpoint wrote is redone."""
+        for log in (self.metrics_path, self.metrics_path.with_name("eval.jsonl")):
+            trim_steps(log, step)
+
     def start(self, initial: int, total: int):
         if self.progress:
             from tqdm import tqdm
@@ -309,6 +317,7 @@ class SilentReporter(Reporter):
         self.bar = None
 
     def log(self, msg): pass
+    def resume_at(self, step): pass
     def start(self, initial, total): pass
     def step(self, rec): pass
     def evaluate(self, embedder, step): return None
@@ -355,9 +364,10 @@ def save_final(run: Run, reporter: Reporter):
 
 
 def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None = None, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> dict:
+          overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run training; returns {"losses": [...], "eval": {...}, "main": whether this process is the one that speaks}
     (+ "embedder" when finished, "stopped_at" when interrupted). `stop_after` simulates an interruption (tests).
+    An output_dir holding a run needs `resume` (continue it) or `overwrite` (start over; engine/rundir.py).
     Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
     dist_, device = init_distributed(cfg.distributed, cfg.device)
     if dist_.active:
@@ -365,11 +375,13 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     if dist_.active and cfg.distributed.strategy == "fsdp" and resume:
         raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
                          "checkpoints); use strategy ddp")
+    prepare_output_dir(cfg.output_dir, dist_, resume=resume, overwrite=overwrite)
     run = setup(cfg, dist_, device)
     reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate)
     for note in batches.notes:
         reporter.log(note)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
+    reporter.resume_at(state.step)
 
     def maybe_evaluate(key: str, step: int):
         if evaluate is not None:
