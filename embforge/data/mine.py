@@ -46,6 +46,10 @@ class MineConfig:
     margin: float = 0.95         # drop candidates scoring >= margin * positive score
     near_dup: float = 0.9        # drop candidates whose word-set Jaccard with the positive is >= this
     mode: str = "replace"        # replace | append (keep the record's own negatives first)
+    # A record left with fewer mined negatives than asked: "keep" its own negatives (after the mined ones; never
+    # fewer than it had), or "fail" (nothing written, exit non-zero). Replacing a record's negatives with fewer
+    # mined ones would silently delete data the user had.
+    on_short: str = "keep"
     shard_size: int = 2048       # queries per resumable shard
     corpus_shard: int = 8192     # documents per cached corpus-embedding shard
     batch_size: int = 32
@@ -61,6 +65,8 @@ class MineConfig:
             raise ValueError(f"near_dup must lie in (0, 1], got {self.near_dup}")
         if self.mode not in ("replace", "append"):
             raise ValueError(f"mode must be replace or append, got {self.mode!r}")
+        if self.on_short not in ("keep", "fail"):
+            raise ValueError(f"on_short must be keep or fail, got {self.on_short!r}")
         for name in ("shard_size", "corpus_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -169,7 +175,8 @@ def _positive_embeddings(encoder, recs: list[dict], row_of: dict[str, int], corp
 
 def _fingerprint(data: Path, corpus: str | None, model: str, cfg: MineConfig) -> str:
     parts = [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns), str(corpus),
-             str(model), json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
+             str(model), json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "on_short"},
+                                    sort_keys=True)]
     if corpus and Path(corpus).exists():
         c = Path(corpus) / "corpus.jsonl" if Path(corpus).is_dir() else Path(corpus)
         parts += [str(c.stat().st_size), str(c.stat().st_mtime_ns)]
@@ -243,10 +250,19 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
         bar.update(len(shard))
     bar.close()
 
+    short = _short_records(parts, n_shards, records, cfg)
+    if short and cfg.on_short == "fail":
+        line, rec, got = short[0]
+        raise ShortError(f"{data}:{line}: {got} negative(s) mined, {cfg.negatives} asked ({len(short)} of "
+                         f"{len(records)} records short; a {len(texts)}-text corpus and ranks {cfg.rank_start}-"
+                         f"{cfg.rank_end} leave too few candidates); nothing written. Widen --ranks, give a larger "
+                         "--corpus, or --on-short keep (keeps the records' own negatives)")
+
     # Assemble: every record with its mined negatives, then one rename.
     report = {"records": len(records), "corpus": len(texts), "rank_window": [cfg.rank_start, cfg.rank_end],
               "margin": cfg.margin, "near_dup": cfg.near_dup, "model": model_name,
-              "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0}
+              "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0,
+              "kept_own": 0}
     with open_atomic(out) as fo:
         for s in range(n_shards):
             shard_out = json.loads((parts / f"shard-{s:05d}.json").read_text())
@@ -259,11 +275,29 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
             for (_, rec), mined in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size],
                                        shard_out["negatives"]):
                 negs = mined if cfg.mode == "replace" else list(dict.fromkeys([*rec["negatives"], *mined]))
+                if len(mined) < cfg.negatives and rec["negatives"] and cfg.mode == "replace":
+                    negs = list(dict.fromkeys([*mined, *rec["negatives"]]))   # on_short keep
+                    report["kept_own"] += 1
                 report["written"] += len(negs)
                 fo.write(json.dumps({**rec, "negatives": negs}, ensure_ascii=False) + "\n")
     atomic_write_text(out.with_name(out.name + ".report.json"), json.dumps(report, indent=2))
     shutil.rmtree(parts)
     return report
+
+
+class ShortError(ValueError):
+    """mine --on-short fail: some records would get fewer negatives than asked; the message names the first."""
+
+
+def _short_records(parts: Path, n_shards: int, records: list, cfg: MineConfig) -> list[tuple[int, dict, int]]:
+    """(line, record, negatives mined) of every record that got fewer than cfg.negatives."""
+    out = []
+    for s in range(n_shards):
+        mined = json.loads((parts / f"shard-{s:05d}.json").read_text())["negatives"]
+        for (line, rec), negs in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size], mined):
+            if len(negs) < cfg.negatives:
+                out.append((line, rec, len(negs)))
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -273,4 +307,6 @@ def format_report(r: dict) -> str:
     lines += [f"  removed by {name}: {n}" for name, n in r["removed"].items()]
     lines += [f"  beyond the per-record count: {r['surplus']}",
               f"  negatives written: {r['written']} ({r['short']} records got fewer than asked)"]
+    if r.get("kept_own"):
+        lines.append(f"  records that kept their own negatives (too few mined): {r['kept_own']}")
     return "\n".join(lines)
