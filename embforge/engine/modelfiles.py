@@ -18,9 +18,9 @@ def check_model_files(path: str, key: str = "model.path") -> str:
     """Where `path` (a folder, a shorthand or a hub id) loads from, checked without loading weights; ValueError
     naming `key` when it cannot load. Shorthands build their offline asset (once) when missing."""
     kind = check_model_path(path, key)
-    if kind == "shorthand":
-        from embforge.engine.model import resolve_path
-        return resolve_path(path)
+    if kind == "shorthand":   # the same mapping as model.resolve_path (not imported: model imports this module)
+        from embforge.engine.assets import smollm2_dir, tiny_decoder_dir
+        return str(smollm2_dir() if path == "smollm2" else tiny_decoder_dir(path[len("tiny-"):]))
     if kind == "folder":
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"{key}: {path} has no config.json (not a Hugging Face model folder)")
