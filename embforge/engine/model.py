@@ -299,7 +299,9 @@ class Embedder(torch.nn.Module):
             raise ValueError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from e
         if "model" not in meta:
             raise ValueError(f"{meta_file}: missing key 'model'")
-        if isinstance(meta["model"].get("path"), str):
+        if meta.get("merged") and isinstance(meta["model"], dict):
+            meta["model"]["path"] = str(path / "merged")   # self-contained: the base it names is not needed
+        elif isinstance(meta["model"].get("path"), str):
             from embforge.engine.baseref import locate_base
             meta["model"]["path"] = locate_base(meta["model"]["path"], path)
         cfg = build_dataclass(ModelConfig, meta["model"], prefix="model.")
