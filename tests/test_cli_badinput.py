@@ -132,3 +132,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"embforge {__version__}"
+
+
+def test_small_data_says_once_that_batches_repeat_examples(workdir):
+    """Six examples, 48 queries a step: each batch holds every example 8 times; the run's log says so (the notes
+    the trainer prints once), and says nothing when the data covers a batch."""
+    from embforge.data.batches import ExampleBatches
+
+    notes = ExampleBatches("d.jsonl", queries=48, negatives=1, seed=0).notes
+    assert len(notes) == 1
+    assert "batch.queries=48" in notes[0] and "6 usable examples" in notes[0] and "8.0 times" in notes[0]
+    batch, _ = ExampleBatches("d.jsonl", queries=48, negatives=1, seed=0)(0)
+    assert len(batch.queries) == 48 and len(set(batch.queries)) == 6          # what the warning describes
+    assert ExampleBatches("d.jsonl", queries=6, negatives=1, seed=0).notes == []

@@ -36,6 +36,19 @@ def test_rerun_refused_then_overwrite_starts_over(run_dir, capsys):
     first = snapshot(out)
     assert steps(out) == [1, 2] and "final/embforge_config.json" in first
 
+    # The dry-run's plan against what the run measured: tokens and chunks of the same two batches.
+    from embforge.cli.train import check_inputs
+    from embforge.config import load_config
+    from embforge.data.plan import training_plan
+    from embforge.engine.modelfiles import load_model_files
+    from embforge.engine.train import TrainConfig
+    cfg = load_config(TrainConfig, "c.yaml")
+    plan = training_plan(cfg, check_inputs(cfg), load_model_files("tiny-llama")[1])
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert plan["tokens_per_step"] == round(sum(r["real_tokens"] for r in recs) / 2)
+    key = "packed_chunks_per_step" if recs[0]["packed"] else "chunks_per_step"
+    assert plan[key] == sum(r["chunks"] for r in recs) / 2
+
     # A second run (other settings even) is refused before anything is written: the first run byte for byte.
     capsys.readouterr()
     assert main(["train", "--config", "c.yaml", "--set", "optim.lr=0.01"]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from embforge.engine.gradcache import CPU_CHUNK_TOKENS, make_chunks
+from embforge.engine.packing import make_packed_chunks
 from embforge.engine.text import format_query, tokenize_texts
 
 
@@ -38,7 +39,7 @@ def training_plan(cfg, batches, tokenizer=None, *, sample_batches: int = 3) -> d
         return plan
     budget = CPU_CHUNK_TOKENS if cfg.batch.chunk_tokens == "auto" else int(cfg.batch.chunk_tokens)
     m = cfg.model
-    tokens, chunks, position = [], [], 0
+    tokens, chunks, packed, position = [], [], [], 0
     for _ in range(min(sample_batches, cfg.steps)):
         batch, position = batches(position)
         q_seqs = tokenize_texts(tokenizer, [format_query(m.query_template, t, i) for t, i in
@@ -47,7 +48,9 @@ def training_plan(cfg, batches, tokenizer=None, *, sample_batches: int = 3) -> d
         lengths = [len(s) for s in q_seqs + d_seqs]
         tokens.append(sum(lengths))
         chunks.append(len(make_chunks(lengths, budget, cfg.batch.max_chunk_seqs)))
+        packed.append(len(make_packed_chunks(lengths, budget, cfg.batch.max_chunk_seqs)))
     plan.update(tokens_per_step=round(sum(tokens) / len(tokens)), chunks_per_step=round(sum(chunks) / len(chunks), 1),
+                packed_chunks_per_step=round(sum(packed) / len(packed), 1) if cfg.batch.packing is not False else None,
                 chunk_tokens=cfg.batch.chunk_tokens if cfg.batch.chunk_tokens != "auto" else
                 f"auto (CPU: {CPU_CHUNK_TOKENS}; GPU: probed at start)",
                 sampled_batches=len(tokens))
@@ -63,9 +66,11 @@ def format_plan(plan: dict, model: str) -> str:
               f"{plan['epochs']} epochs)",
               f"  per step: {plan['queries_per_step']} queries, {plan['documents_per_step']} documents"]
     if "tokens_per_step" in plan:
+        packed = plan["packed_chunks_per_step"]
         lines.append(f"  tokens per step: ~{plan['tokens_per_step']} (first {plan['sampled_batches']} batches), "
-                     f"chunks per step: ~{plan['chunks_per_step']} (padded chunks of <= {plan['chunk_tokens']} "
-                     "tokens)")
+                     f"chunks per step: ~{plan['chunks_per_step']} padded"
+                     + (f" or ~{packed} packed (where packing applies)" if packed is not None else "")
+                     + f", chunk budget {plan['chunk_tokens']} tokens")
     lines.append(f"  output_dir: {plan['output_dir']}")
     warning = repeat_warning(plan["examples"], plan["queries_per_step"])
     if warning:
