@@ -34,14 +34,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        arms = [arm for arm in args if arm is not type(None)]
-        for arm in arms:
+        for arm in args:
+            if arm is type(None):
+                continue
             try:
                 return _coerce(value, arm, key)
             except ConfigError as e:
-                errors.append(e)
-                if len(arms) == 1 or (isinstance(value, dict) and dataclasses.is_dataclass(arm)):
-                    raise   # the one arm this value was meant for: its own message names the inner key
+                errors.append((arm, str(e)))
+        mapping_arms = [e for arm, e in errors if dataclasses.is_dataclass(arm) or typing.get_origin(arm) is dict]
+        if isinstance(value, dict) and len(mapping_arms) == 1:
+            raise ConfigError(mapping_arms[0])      # the one arm a mapping can be: its error names the inner key
         raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is typing.Literal:
         if value not in args:
@@ -107,9 +109,11 @@ def build_dataclass(cls: type[T], data: dict, prefix: str = "") -> T:
     if callable(check):
         try:
             check()
-        except ConfigError:
-            raise
-        except ValueError as e:   # a value out of range: the message names its key
+        except ConfigError as e:    # a nested dataclass names its own keys; the caller knows where it sits
+            if not prefix:
+                raise
+            raise ConfigError(f"{prefix}{e}") from None
+        except ValueError as e:     # a value out of range (engine validate()s): the message names its full key
             raise ConfigError(str(e)) from None
     return obj
 

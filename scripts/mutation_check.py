@@ -29,6 +29,7 @@ GRADCACHE = "embforge/engine/gradcache.py"
 TRAIN = "embforge/engine/train.py"
 TEMPERATURE = "embforge/engine/temperature.py"
 CHECKPOINT = "embforge/engine/checkpoint.py"
+MIXTURE = "embforge/data/mixture.py"
 
 # Test sets (pytest node ids, run in the copy). Kept to the tests that target the mutated code.
 # Feature tests first (pytest runs node ids in the order given, and -x stops at the first failure), then the grids.
@@ -47,6 +48,10 @@ TRAIN_CONFIG_TESTS = ["tests/test_engine_gradcache.py::test_train_config_passes_
 LEARN_TAU_TESTS = ["tests/test_engine_train.py::test_learnable_temperature_trains_and_is_restored_on_resume"]
 SIGNAL_TESTS = ["tests/test_engine_train.py::test_sigint_checkpoints_after_the_current_step_and_resume_continues"]
 PRUNE_TESTS = ["tests/test_engine_train.py::test_save_checkpoint_keeps_the_last_two_in_step_order"]
+MIXTURE_TESTS = [f"tests/test_data_mixture.py::{t}" for t in (
+    "test_weights_give_the_empirical_shares", "test_homogeneous_batches_come_from_one_dataset_mixed_ones_do_not",
+    "test_no_duplicate_texts_in_a_batch_and_skipped_examples_come_later",
+    "test_resume_from_a_saved_position_continues_exactly")]
 
 
 @dataclass
@@ -134,8 +139,65 @@ MUTATIONS = [
              PRUNE_TESTS, 1, "prunes to keep+1 checkpoints"),
     Mutation("train-signal-ignored", TRAIN, "self.flag = True", "self.flag = False", SIGNAL_TESTS, 1,
              "SIGINT/SIGTERM no longer stop and checkpoint"),
+    Mutation("mixture-weights-ignored", MIXTURE, "self._cumulative = [sum(d.weight for d in datasets[:k + 1]) / total",
+             "self._cumulative = [(k + 1) / len(datasets)", MIXTURE_TESTS, 1, "datasets drawn uniformly, not by weight"),
+    Mutation("mixture-duplicates-kept", MIXTURE, "if ex.query in seen or ex.positive in seen:", "if False:",
+             MIXTURE_TESTS, 1, "a homogeneous batch may repeat a query or positive text"),
+    Mutation("mixture-deferred-dropped", MIXTURE, "left = sorted(deferred + pending[scanned:])",
+             "left = sorted(pending[scanned:])", MIXTURE_TESTS, 1, "a skipped duplicate is dropped from the epoch"),
+    Mutation("mixture-unseeded-draw", MIXTURE, 'random.Random(f"embforge-mixture:{self.seed}:{step}").random()',
+             "random.random()", MIXTURE_TESTS, 1,
+             "each process draws its own dataset per step (ranks and resumes disagree)"),
     Mutation("train-tau-weight-decay", TEMPERATURE, '"weight_decay": 0.0}', '"weight_decay": 0.1}',
              LEARN_TAU_TESTS, 1, "weight decay (the test config's 0.1) pulls the learnable temperature toward 1"),
+]
+
+# --- issue 22: the loss terms (embforge/kernels/infonce_terms.py); one mutant per feature -----------------------
+TERMS = "embforge/kernels/infonce_terms.py"
+TERMS_TESTS = [f"tests/test_kernels_infonce_terms.py::{t}" for t in (
+    "test_torch_backend_every_combination", "test_triton_backend_every_combination", "test_triton_backend_without_ids",
+    "test_margin_ids_and_own_group_with_positive_index", "test_nan_teacher_rows_are_unscored",
+    "test_matryoshka_with_every_term", "test_rank_slices_sum_to_the_full_loss", "test_gradcheck_float64_with_every_term",
+    "test_odd_shapes_everything_on", "test_chunking_gives_the_same_loss_and_gradients")]
+MUTATIONS += [
+    Mutation("terms-margin-flipped", TERMS, "drop.append(s > seg.thr[:, None])", "drop.append(s < seg.thr[:, None])",
+             TERMS_TESTS, 1, "torch epilogue: drops the negatives BELOW the positive + margin"),
+    Mutation("triton-margin-flipped", TERMS, "keep = keep & ~(s > thr)", "keep = keep & ~(s < thr)", TERMS_TESTS, 1,
+             "Triton: drops the negatives BELOW the positive + margin"),
+    Mutation("terms-margin-sign", TERMS, "thr = s_pos + L.margin if", "thr = s_pos - L.margin if", TERMS_TESTS, 1,
+             "margin subtracted from the positive's cosine"),
+    Mutation("terms-q2q-off", TERMS, 'a_qry="q2q" in dirs,', "a_qry=False,", TERMS_TESTS, 1,
+             "q2q requested but its columns never enter the partition"),
+    Mutation("terms-d2q-off", TERMS, 'b_hi = N + T if "d2q" in dirs else N', "b_hi = N", TERMS_TESTS, 1,
+             "d2q requested but segment B never covers the queries"),
+    Mutation("terms-d2d-off", TERMS, 'b_lo = 0 if "d2d" in dirs else N', "b_lo = N", TERMS_TESTS, 1,
+             "d2d requested but segment B never covers the candidates"),
+    Mutation("terms-d2q-self-kept", TERMS, "has_pos=False, ex1=self_c - lo_b,", "has_pos=False, ex1=none_col[:C],",
+             TERMS_TESTS, 1, "d2q: query i itself stays a negative for its own positive"),
+    Mutation("terms-d2d-self-kept", TERMS, "ex2=pos - lo_b, thr=thr", "ex2=none_col[:C], thr=thr", TERMS_TESTS, 1,
+             "d2d: the positive stays a negative of itself"),
+    Mutation("triton-self-columns-kept", TERMS, "keep = keep & inb & (cols != ex1) & (cols != ex2)",
+             "keep = keep & inb", TERMS_TESTS, 1, "Triton segment kernel: no self exclusion (q2q, d2q, d2d)"),
+    Mutation("terms-d2d-anchor-grad-missing", TERMS, "            h.index_add_(0, pos, ",
+             "            0 and h.index_add_(0, pos, ", TERMS_TESTS, 1,
+             "segment B's gradient never reaches its anchor (the positive)"),
+    Mutation("terms-d2q-column-grad-missing", TERMS,
+             "base._accumulate_f32_(h[L.b_range[0]: L.b_range[1]], GB.t(), vp_c, first=False)", "pass",
+             TERMS_TESTS, 1, "segment B's gradient never reaches its columns (the other queries / candidates)"),
+    Mutation("terms-in-batch-ignored", TERMS, "group=None if opts.in_batch else group_size", "group=None",
+             TERMS_TESTS, 1, "in_batch_negatives=False has no effect"),
+    Mutation("triton-own-group-ignored", TERMS, "doc_ok = doc_ok & (cols >= pos) & (cols < pos + group)",
+             "doc_ok = doc_ok", TERMS_TESTS, 1, "Triton: own-group-only keeps every candidate"),
+    Mutation("distill-term-dropped", TERMS, "            loss += kl\n", "            loss += 0 * kl\n",
+             TERMS_TESTS, 1, "the distillation KL is left out of the loss value"),
+    Mutation("distill-grad-dropped", TERMS, "(g_grp * rE[grp_cols]).to(GA.dtype)",
+             "(0 * g_grp * rE[grp_cols]).to(GA.dtype)", TERMS_TESTS, 1, "no gradient from the distillation term"),
+    Mutation("distill-rowdot-missing", TERMS, "rowdot = rowdot + (g_grp * s_grp).sum(1)", "rowdot = rowdot",
+             TERMS_TESTS, 1, "distillation left out of the normalization chain rule and dL/dtau"),
+    Mutation("distill-teacher-temperature-ignored", TERMS, "T, 0.0) / opts.teacher_temperature", "T, 0.0)",
+             TERMS_TESTS, 1, "teacher_temperature ignored"),
+    Mutation("nan-rows-counted", TERMS, "R = int(scored_all.sum())", "R = rows_all", TERMS_TESTS, 1,
+             "unscored (NaN) teacher rows count in the distillation mean"),
 ]
 
 

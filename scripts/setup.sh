@@ -21,15 +21,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip check
   echo "$want" > "$stamp"
 fi
-# Debian dictionaries for the demo's data and held-out sets (docs/data.md): FOLDOC and the Jargon File train, GCIDE is
-# held out. Never dict-wn (WordNet: reserved for independent evaluation). Best effort: without them the GCIDE tests
-# skip and the demo trains on the other sources.
-if [ ! -f /usr/share/dictd/gcide.index ] || [ ! -f /usr/share/dictd/foldoc.index ] || [ ! -f /usr/share/dictd/jargon.index ]; then
+# Debian dictionaries and fortune files for the demo's data and held-out sets (docs/data.md): FOLDOC and the Jargon
+# File train, GCIDE and the fortunes are held out. Never dict-wn (WordNet: reserved for independent evaluation). Best
+# effort: without them the GCIDE / fortunes tests skip and the demo trains and scores on the other sources.
+if [ ! -f /usr/share/dictd/gcide.index ] || [ ! -f /usr/share/dictd/foldoc.index ] || [ ! -f /usr/share/dictd/jargon.index ] \
+   || [ ! -f /usr/share/games/fortunes/food ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing dict-gcide dict-foldoc dict-jargon (Debian)" >&2
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends dict-gcide dict-foldoc dict-jargon; } >/dev/null 2>&1 \
-      || echo "[setup] warning: could not install the Debian dictionaries; GCIDE tests will skip" >&2
+    echo "[setup] installing dict-gcide dict-foldoc dict-jargon fortunes (Debian)" >&2
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends dict-gcide dict-foldoc dict-jargon fortunes; } \
+      >/dev/null 2>&1 || echo "[setup] warning: could not install the Debian dictionaries / fortunes; their tests will skip" >&2
   else
-    echo "[setup] warning: dict-gcide dict-foldoc dict-jargon missing (install them as root for the demo data)" >&2
+    echo "[setup] warning: dict-gcide dict-foldoc dict-jargon fortunes missing (install them as root for the demo data)" >&2
   fi
 fi

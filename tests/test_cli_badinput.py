@@ -121,7 +121,7 @@ def test_data_error_in_a_normal_run_comes_before_the_model(workdir, no_model_loa
 def test_dry_run_prints_the_plan_without_loading_weights(workdir, no_model_load, capsys):
     assert main(TRAIN + ["--dry-run", "--set", "batch.queries=8"]) == 0
     out, err = capsys.readouterr()
-    assert "d.jsonl: 6 examples" in out and "1 per epoch" in out and "tokens per step: ~" in out
+    assert "dataset d: d.jsonl: 6 examples" in out and "1 per epoch" in out and "tokens per step: ~" in out
     assert "8 queries, 16 documents" in out
     assert "repeats examples" in out          # 8 queries from 6 examples
     assert no_model_load == [] and not (workdir / "out").exists()
@@ -135,13 +135,12 @@ def test_version(capsys):
 
 
 def test_small_data_says_once_that_batches_repeat_examples(workdir):
-    """Six examples, 48 queries a step: each batch holds every example 8 times; the run's log says so (the notes
-    the trainer prints once), and says nothing when the data covers a batch."""
+    """Six examples, 48 queries a step: each batch holds every example 8 times; the run's log says so once (the
+    notes the trainer prints), and says nothing when the data covers a batch."""
     from embforge.data.batches import ExampleBatches
 
-    notes = ExampleBatches("d.jsonl", queries=48, negatives=1, seed=0).notes
-    assert len(notes) == 1
-    assert "batch.queries=48" in notes[0] and "6 usable examples" in notes[0] and "8.0 times" in notes[0]
-    batch, _ = ExampleBatches("d.jsonl", queries=48, negatives=1, seed=0)(0)
+    notes = ExampleBatches(["d.jsonl"], queries=48, negatives=1, seed=0).notes
+    assert len(notes) == 1 and "6 training examples but batch.queries is 48" in notes[0]
+    batch, _ = ExampleBatches(["d.jsonl"], queries=48, negatives=1, seed=0)(0)
     assert len(batch.queries) == 48 and len(set(batch.queries)) == 6          # what the warning describes
-    assert ExampleBatches("d.jsonl", queries=6, negatives=1, seed=0).notes == []
+    assert ExampleBatches(["d.jsonl"], queries=6, negatives=1, seed=0).notes == []

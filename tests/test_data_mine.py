@@ -173,6 +173,41 @@ def test_cli_with_minilm_truncated(tmp_path):
     assert main(["mine", "--data", str(data), "--out", str(out), "--model", "hashing", "--max-seq-length", "8"]) == 2
 
 
+def test_cli_mines_each_dataset_against_its_own_texts(tmp_path):
+    """Several datasets (a directory, or several files): one output each, its negatives from its own texts."""
+    from embforge.cli import main
+    src = tmp_path / "sources"
+    src.mkdir()
+    # the cooking queries' words match the railway texts best: only a per-dataset corpus keeps them out
+    dishes = ["whisk eggs into flour", "knead the dough slowly", "simmer the soup gently", "roast vegetables well"]
+    cooking = [{"query": f"{d} aboard trains platforms", "positive": f"cooking: {d}"} for d in dishes]
+    trains = [{"query": f"railway question {i}", "positive": f"railway {i}: trains platforms timetable"}
+              for i in range(4)]
+    _write(src / "cooking.jsonl", cooking)
+    _write(src / "trains.jsonl", trains)
+    out = tmp_path / "mined"
+    args = ["--model", "hashing", "--ranks", "1-4", "--negatives", "1", "--margin", "0.999"]
+    assert main(["mine", "--data", str(src), "--out", str(out), *args]) == 0
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["cooking.jsonl", "trains.jsonl"]
+    for name, own in [("cooking", cooking), ("trains", trains)]:
+        recs = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["query"] for r in recs] == [r["query"] for r in own]
+        assert all(r["negatives"] and r["negatives"][0] in {o["positive"] for o in own} - {r["positive"]}
+                   for r in recs)
+    # one combined file mines against both texts: then cooking records get railway negatives
+    both = tmp_path / "both.jsonl"
+    _write(both, cooking + trains)
+    assert main(["mine", "--data", str(both), "--out", str(tmp_path / "both.mined.jsonl"), *args]) == 0
+    mixed = [json.loads(line) for line in (tmp_path / "both.mined.jsonl").read_text().splitlines()][:4]
+    assert any(r["negatives"][0].startswith("railway") for r in mixed)
+    # errors: two inputs with one name; --out an existing file
+    (tmp_path / "other").mkdir()
+    _write(tmp_path / "other" / "cooking.jsonl", cooking)
+    assert main(["mine", "--data", str(src / "cooking.jsonl"), str(tmp_path / "other" / "cooking.jsonl"),
+                 "--out", str(out), *args]) == 2
+    assert main(["mine", "--data", str(src), "--out", str(both), *args]) == 2
+
+
 def test_short_records_keep_their_own_negatives_or_fail(tmp_path, capsys):
     """A 3-text corpus cannot fill ranks 10-100: replace mode used to write 0 negatives and exit 0, deleting the
     records' own. Default now keeps them (after any mined ones); --on-short fail exits 1 and writes nothing."""

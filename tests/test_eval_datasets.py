@@ -71,3 +71,26 @@ def test_is_heldout_fraction_bounds():
     assert not is_heldout("x", 0.0) and is_heldout("x", 1.0)
     with pytest.raises(ValueError):
         is_heldout("x", 1.5)
+
+
+def test_fortunes_topics_parse_and_split(tmp_path):
+    """Entries split on % lines, attributions dropped, short entries and repeats skipped; queries and corpus are
+    disjoint and every query's relevant documents are exactly its topic's corpus entries."""
+    from embforge.eval.datasets import fortunes_beir, fortunes_by_topic
+    topics = ("food", "love")
+    for t in topics:
+        entries = [f"A {t} saying number {i} that is long enough to be kept by the filter.\n\t\t-- Someone Famous"
+                   for i in range(6)] + ["short", f"A {t} saying number 0 that is long enough to be kept by the filter."]
+        (tmp_path / t).write_text("\n%\n".join(entries) + "\n")
+    by_topic = fortunes_by_topic(tmp_path, topics)
+    assert [len(v) for v in by_topic.values()] == [6, 6]
+    assert all("Someone" not in t and "--" not in t for v in by_topic.values() for t in v)
+    ds = fortunes_beir(queries_per_topic=2, docs_per_topic=4, data_dir=tmp_path, topics=topics)
+    assert len(ds.queries) == 4 and len(ds.corpus) == 8
+    assert not set(ds.queries.values()) & set(ds.corpus.values())
+    for qid, rel in ds.qrels.items():
+        topic = qid.split("-")[0]
+        assert set(rel) == {d for d in ds.corpus if d.startswith(topic + "-")}
+        assert all(topic in ds.corpus[d] for d in rel)
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        fortunes_by_topic(tmp_path / "none", topics)

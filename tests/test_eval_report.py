@@ -22,12 +22,17 @@ def test_report_reads_the_run(tmp_path):
     _evals(tmp_path, base=(0.0146, 0.02, 0.1), trained=(0.25, 0.22, 0.3), minilm=(0.5, 0.42, 0.6))
     text = report(tmp_path)
     assert "| **total** | **490** |" in text
-    assert "| untrained base | trained | all-MiniLM-L6-v2 |" in text
+    assert "| untrained base (strongest) | trained | all-MiniLM-L6-v2 |" in text
     assert "| chatterbot Q/A retrieval (ndcg@10) | 0.0146 | 0.2500 | 0.5000 |" in text
     assert "| GCIDE sense-pair similarity (spearman) | 0.1000 | 0.3000 | 0.6000 |" in text
     assert "gap closed on GCIDE retrieval: 50%" in text        # (0.22 - 0.02) / (0.42 - 0.02)
     assert "4.000 -> 3.000" in text                # mean of first 3 (5,4,3) and last 3 (4,3,2) losses
     assert "median step 12.0 s" in text and "16 GradCache chunks" in text
+    assert "Per dataset" not in text                # metrics without dataset names: no such line
+    for i, s in enumerate(steps):                   # a mixture run names each step's dataset
+        s["dataset"] = "b" if i == 1 else "a"
+    (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    assert "Per dataset (steps, mean loss): a 3 (3.333), b 1 (4.000)." in report(tmp_path)   # a: (5+3+2)/3
 
 
 def test_report_without_evals_says_so(tmp_path):
@@ -39,6 +44,37 @@ def test_report_without_evals_says_so(tmp_path):
     _evals(tmp_path, trained=(0.2, 0.1, 0.3))
     text = report(tmp_path)
     assert "| trained |" in text and "untrained base" not in text and "gap closed" not in text
+
+
+def test_report_shows_the_base_at_its_strongest_per_set(tmp_path):
+    """Two untrained configurations: each set takes the better one, and the summary names which."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "stages.tsv").write_text("train\t5\n")
+    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    _evals(tmp_path, base=(0.01, 0.30, 0.10), base_causal=(0.05, 0.02, 0.40), trained=(0.2, 0.25, 0.3))
+    text = report(tmp_path)
+    assert "| chatterbot Q/A retrieval (ndcg@10) | 0.0500 | 0.2000 |" in text
+    assert "| GCIDE word -> definition retrieval (ndcg@10) | 0.3000 | 0.2500 |" in text
+    assert "| GCIDE sense-pair similarity (spearman) | 0.4000 | 0.3000 |" in text
+    assert "chatterbot: base_causal, gcide: base, gcide_sts: base_causal" in text
+
+
+def test_report_shows_the_synthetic_stage(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "stages.tsv").write_text("synth\t60\n")
+    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "synth.report.json").write_text(json.dumps({"model": "smollm2-135m-instruct", "example_outcomes": {
+        "accepted:ok": 3, "rejected:field_too_short:positive": 2, "rejected:placeholder:query": 1}}))
+    (tmp_path / "synth" / "synth.jsonl").write_text(json.dumps(
+        {"instruction": "Find the recipe", "query": "bread", "positive": "Mix flour and water.",
+         "negatives": ["Paint the fence."]}) + "\n")
+    text = report(tmp_path)
+    assert "3 of 6 generated examples kept (50%)" in text
+    assert "field_too_short:positive 2, placeholder:query 1" in text
+    assert '"query": "bread"' in text
 
 
 def test_report_subcommand_prints_the_summary_and_refuses_a_missing_run(tmp_path, capsys):

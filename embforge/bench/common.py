@@ -19,13 +19,15 @@ from typing import Callable
 import torch
 
 from embforge.common import git_commit, open_atomic
+from embforge.engine.precision import auto_dtype, cpu_capability
 
 
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()}"
+    # the capability is part of the name: the same CPU code runs at very different speeds with and without bf16
+    return f"cpu:{platform.processor() or platform.machine()}x{os.cpu_count()} ({cpu_capability()})"
 
 
 def versions() -> str:
@@ -129,10 +131,10 @@ def device_slug(device) -> str:
 
 
 def reference_matmul(device, *, reps: int = 7) -> dict:
-    """Median time and rate of one dense square matmul in the working dtype of the device (bf16 8192^3 on CUDA, fp32
-    1024^3 on CPU): the same-run yardstick that makes CPU timings comparable across runs and machines."""
+    """Median time and rate of one dense square matmul in the working dtype of the device (`dtype: auto`: bf16 8192^3
+    on CUDA; 1024^3 on CPU, bf16 only where the CPU has native bf16): the same-run yardstick that makes CPU timings comparable across runs and machines."""
     device = torch.device(device)
-    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
+    dtype, n = auto_dtype(device), (8192 if device.type == "cuda" else 1024)
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)

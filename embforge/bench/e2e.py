@@ -22,6 +22,7 @@ from embforge.bench.levers import Lever, apply_lever, levers_for, plant_slow_lay
 from embforge.bench.plots import plot
 from embforge.bench.setup import Setup, setup_for
 from embforge.bench.tracker import Tracker
+from embforge.engine.precision import auto_dtype
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: {query}"
 
@@ -174,7 +175,7 @@ _MATMUL = {}
 def _matmul_fn(device):
     """The reference matmul of common.reference_matmul, inputs made once."""
     if device not in _MATMUL:
-        dtype, n = (torch.bfloat16, 8192) if torch.device(device).type == "cuda" else (torch.float32, 1024)
+        dtype, n = auto_dtype(device), (8192 if torch.device(device).type == "cuda" else 1024)
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         _MATMUL[device] = lambda: a @ b
     return _MATMUL[device]
@@ -301,7 +302,7 @@ def _run(device, out_dir, quick, part, model_cache, budget_s, levers, setup, pla
             if lever.system == "embforge":
                 obj = load_embedder(model_dir, setup, lever, device)
             else:
-                dtype = torch.bfloat16 if device == "cuda" else torch.float32
+                dtype = auto_dtype(device)
                 obj = peer.build_st_model(model_dir, device=device, dtype=dtype, quantization=key[1],
                                           gradient_checkpointing=setup.gradient_checkpointing,
                                           max_length=setup.max_length, lora_r=setup.lora_r)

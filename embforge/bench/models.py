@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from embforge.bench import synthetic
+from embforge.engine.precision import auto_dtype
 
 # name -> MistralConfig fields. "7b": Mistral-7B (v0.2/v0.3 layout: no sliding window). The small ones keep its
 # proportions (GQA 4:1, intermediate 3.5x hidden) at CI size.
@@ -44,7 +45,7 @@ def random_model_dir(shape: str, directory: str | Path, device: str = "cpu", see
     The folder is reused only when its stamp (shape, dtype, seed) matches, so a stale model is never measured."""
     from transformers import MistralModel
     directory = Path(directory)
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = auto_dtype(device)
     stamp = _stamp(shape, dtype, seed)
     stamp_file = directory / "embforge_bench_stamp.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from embforge.cli import one_line
 from embforge.data.mine import MineConfig
@@ -9,8 +10,11 @@ from embforge.data.mine import MineConfig
 
 def add_parser(subparsers) -> None:
     m = subparsers.add_parser("mine", help="mine hard negatives for training JSONL (rank window + margin filter)")
-    m.add_argument("--data", required=True, help="JSONL of {instruction, query, positive[, negatives]}")
-    m.add_argument("--out", required=True, help="output JSONL (may equal --data: written atomically)")
+    m.add_argument("--data", required=True, nargs="+", metavar="DATA",
+                   help="JSONL of {instruction, query, positive[, negatives]}; several files or a directory of "
+                        "*.jsonl: one dataset each, mined separately into OUT/<name>.jsonl")
+    m.add_argument("--out", required=True, help="output JSONL (may equal --data: written atomically); a directory "
+                                                "when --data names several files or a directory")
     m.add_argument("--model", required=True,
                    help="an embforge model folder, a sentence-transformers folder, 'minilm' or 'hashing'")
     m.add_argument("--corpus", default=None, help="BEIR folder or corpus JSONL (default: the data's own texts)")
@@ -35,7 +39,10 @@ def add_parser(subparsers) -> None:
     dp.set_defaults(func=lambda args: (dp.print_help(), 2)[1])
     b = dsub.add_parser("build-demo", help="the CPU demo's training JSONL: Python docs, FOLDOC, Jargon File, "
                                            "manual pages, Debian package descriptions")
-    b.add_argument("--out", required=True, help="output JSONL (written atomically)")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out-dir", help="one JSONL per source, OUT_DIR/<source>.jsonl: the datasets of a mixture "
+                                         "(docs/train.md)")
+    where.add_argument("--out", help="one JSONL of every source shuffled together (written atomically)")
     b.add_argument("--cap-per-source", type=int, default=None, help="at most N records from each source")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--sources", nargs="+", default=None, metavar="SOURCE",
@@ -64,22 +71,49 @@ def cmd_mine(args) -> int:
                          shard_size=args.shard_size,
                          batch_size=args.batch_size)
         cfg.validate()
+        jobs = _mine_jobs(args.data, args.out)
         encoder = load_encoder(args.model)
         if args.max_seq_length:
             _truncate(encoder, args.max_seq_length)
-        report = mine(args.data, args.out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
+        for data, out in jobs:
+            # each dataset against its own texts (unless --corpus): its negatives come from its own task
+            report = mine(data, out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
+            print((f"{data} -> {out}: " if len(jobs) > 1 else "") + format_report(report), file=sys.stderr)
     except ShortError as e:
         print(f"embforge mine: error: {one_line(e)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"embforge mine: error: {one_line(e)}", file=sys.stderr)
         return 2
-    print(format_report(report), file=sys.stderr)
     return 0
 
 
+def _mine_jobs(data: list[str], out: str) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: one file -> OUT as given; several files or a directory -> OUT/<stem>.jsonl each."""
+    if len(data) == 1 and not Path(data[0]).is_dir():
+        return [(Path(data[0]), Path(out))]
+    files = []
+    for d in map(Path, data):
+        if d.is_dir():
+            found = sorted(d.glob("*.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"--data {d}: no *.jsonl files in this directory")
+            files += found
+        elif not d.exists():
+            raise FileNotFoundError(f"--data {d}: not found")
+        else:
+            files.append(d)
+    stems = [f.stem for f in files]
+    clash = next((s for s in stems if stems.count(s) > 1), None)
+    if clash:
+        raise ValueError(f"--data: two inputs are named {clash}.jsonl; their outputs would be the same file")
+    if Path(out).is_file():
+        raise ValueError(f"--out {out}: with several datasets --out is a directory, and this is a file")
+    return [(f, Path(out) / f"{f.stem}.jsonl") for f in files]
+
+
 def cmd_build_demo(args) -> int:
-    from embforge.data.sources import SOURCES, build
+    from embforge.data.sources import SOURCES, build, build_per_source
 
     unknown = sorted(set(args.sources or ()) - set(SOURCES))
     if unknown:
@@ -90,6 +124,12 @@ def cmd_build_demo(args) -> int:
         print(f"embforge data build-demo: error: --cap-per-source must be >= 1, got {args.cap_per_source}",
               file=sys.stderr)
         return 2
-    n = build(args.out, seed=args.seed, sources=tuple(args.sources or SOURCES), cap_per_source=args.cap_per_source)
+    kw = dict(seed=args.seed, sources=tuple(args.sources or SOURCES), cap_per_source=args.cap_per_source)
+    if args.out_dir:
+        counts = build_per_source(args.out_dir, **kw)
+        for name, n in counts.items():
+            print(f"{Path(args.out_dir) / name}.jsonl: {n} examples")
+        return 0
+    n = build(args.out, **kw)
     print(f"{n} examples")
     return 0

@@ -9,13 +9,15 @@ from embforge.cli import one_line
 
 
 def check_inputs(cfg):
-    """Everything a run reads, checked before any model loads: every line of every training file, the evaluation
-    data, the model's files (config only). Returns the batch source. Errors name file:line or the config key."""
+    """Everything a run reads, checked before any model loads: every line of every training dataset (the
+    multi-dataset sampler, embforge/data), the evaluation data, the model's files (config only). Returns the batch
+    source. Errors name file:line or the config key."""
     from embforge.data.batches import ExampleBatches
     from embforge.engine.modelfiles import check_model_files
 
     batches = ExampleBatches(cfg.data.train, queries=cfg.batch.queries, negatives=cfg.batch.negatives, seed=cfg.seed,
-                             skip_bad_lines=cfg.data.skip_bad_lines)
+                             sampling=cfg.batch.sampling, skip_bad_lines=cfg.data.skip_bad_lines)
+    _check_step_supports(batches.datasets)
     if cfg.eval.data and cfg.eval.data != "chatterbot":
         from embforge.eval.beir import load_beir
         if not Path(cfg.eval.data).is_dir():
@@ -27,9 +29,9 @@ def check_inputs(cfg):
 
 def run_training(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
                  stop_after: int | None = None) -> dict:
-    """`embforge train` as a function: the TrainConfig's JSONL files (embforge/data) as the batch source, retrieval
-    on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train. Returns train's result.
-    An output_dir that holds a run needs resume (continue) or overwrite (start over)."""
+    """`embforge train` as a function: the TrainConfig's datasets (embforge/data: the multi-dataset sampler) as the
+    batch source, retrieval on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train.
+    Returns train's result. An output_dir that holds a run needs resume (continue) or overwrite (start over)."""
     from embforge.engine.rundir import check_output_dir
     from embforge.engine.train import train
 
@@ -59,6 +61,19 @@ def dry_run(cfg, *, resume: bool = False, overwrite: bool = False) -> str:
     model = (f"{cfg.model.path} ({hf_config.model_type}, {hf_config.num_hidden_layers} layers, hidden "
              f"{hf_config.hidden_size})")
     return format_plan(training_plan(cfg, batches, tokenizer), model)
+
+
+def _check_step_supports(datasets) -> None:
+    """Refuse, before any model loads, a dataset setting the GradCache step cannot honour."""
+    import inspect
+
+    from embforge.config import ConfigError
+    from embforge.engine.gradcache import contrastive_step
+
+    off = [d.key for d in datasets if not d.in_batch_negatives]
+    if off and "in_batch_negatives" not in inspect.signature(contrastive_step).parameters:
+        raise ConfigError(f"{off[0]}.in_batch_negatives: false is not supported by this build: the GradCache step "
+                          "(engine/gradcache.contrastive_step) has no in_batch_negatives option yet")
 
 
 def add_parser(subparsers) -> None:
@@ -130,7 +145,7 @@ def cmd_train(args) -> int:
         _leave_process_group()
     if result["main"]:   # one voice: Dist.is_main, as train decided it
         print(json.dumps({"final_loss": result["losses"][-1], "steps": len(result["losses"]),
-                          "eval": result["eval"]}, indent=2))
+                          "datasets": result["datasets"], "eval": result["eval"]}, indent=2))
     return 0
 
 

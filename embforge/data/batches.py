@@ -1,29 +1,28 @@
-"""Training batches from JSONL files: what `embforge train` feeds the trainer (engine/train.py's BatchSource).
+"""Training batches from JSONL datasets: what `embforge train` feeds the trainer (engine/train.py's BatchSource).
 
-Position-indexed (epochs concatenated, each epoch's order a pure function of the seed), so the position a checkpoint
-stores resumes exactly the same sequence of batches, and every rank reading the same position gets the same global
-batch (it then takes its slice: engine/batch.py shard_batch).
+The multi-dataset sampler (mixture.py) picks each step's examples; this turns them into the grouped
+ContrastiveBatch, tagged with its dataset and whether in-batch negatives are on. Position-indexed, so the position a
+checkpoint stores resumes exactly the same sequence of batches, and every rank reading the same position gets the
+same global batch (it then takes its slice: engine/batch.py shard_batch).
 """
 from __future__ import annotations
 
-from embforge.data.plan import repeat_warning
-from embforge.data.records import ExampleFile, batch_at
+from embforge.data.mixture import open_mixture
 from embforge.engine.batch import ContrastiveBatch, to_batch
 
 
 class ExampleBatches:
-    def __init__(self, paths, *, queries: int, negatives: int, seed: int, skip_bad_lines: bool = False):
-        self.data = ExampleFile(paths, skip_bad_lines=skip_bad_lines)
-        self.queries, self.negatives, self.seed = queries, negatives, seed
+    def __init__(self, entries, *, queries: int, negatives: int, seed: int, sampling: str | None = None,
+                 skip_bad_lines: bool = False):
+        self.sampler = open_mixture(entries, queries=queries, negatives=negatives, sampling=sampling, seed=seed,
+                                    skip_bad_lines=skip_bad_lines)
+        self.notes = self.sampler.notes     # one list: the sampler adds lines, the trainer prints and removes them
 
     @property
-    def notes(self) -> list[str]:
-        """Lines for the training log (rank 0 prints them once)."""
-        skipped = self.data.skipped
-        notes = [f"[train] skipped {len(skipped)} bad lines; first: {skipped[0]}"] if skipped else []
-        return notes + [w for w in [repeat_warning(len(self.data), self.queries)] if w]
+    def datasets(self):
+        return self.sampler.datasets
 
-    def __call__(self, position: int) -> tuple[ContrastiveBatch, int]:
+    def __call__(self, position) -> tuple[ContrastiveBatch, object]:
         """The global batch at `position` and the position after it."""
-        examples, position = batch_at(self.data, position, self.queries, self.seed)
-        return to_batch(examples, self.negatives), position
+        b, position = self.sampler(position)
+        return to_batch(b.examples, b.negatives, dataset=b.dataset, in_batch_negatives=b.in_batch_negatives), position

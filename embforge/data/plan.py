@@ -1,9 +1,9 @@
 """What a training run will do, from its config and its data alone (no model weights): `embforge train --dry-run`
-prints it, and every run logs its one warning (a batch larger than the data repeats examples).
+prints it.
 
-Tokens and chunks per step are measured on the first batches the run will really take: their texts tokenized as
-the trainer tokenizes them (template, truncation, EOS) and grouped by the trainer's own chunking (padded chunks;
-packed ones hold no more tokens than that)."""
+Tokens and chunks per step are measured on the first batches the run will really take (the multi-dataset
+sampler's, embforge/data/mixture.py): their texts tokenized as the trainer tokenizes them (template, truncation,
+EOS) and grouped by the trainer's own chunking, padded and packed."""
 from __future__ import annotations
 
 import math
@@ -13,58 +13,50 @@ from embforge.engine.packing import make_packed_chunks
 from embforge.engine.text import format_query, tokenize_texts
 
 
-def repeat_warning(n_examples: int, queries: int) -> str | None:
-    """The one line a run logs when a batch must hold the same example more than once."""
-    if n_examples >= queries:
-        return None
-    return (f"[train] warning: batch.queries={queries} but the data holds {n_examples} usable examples: each batch "
-            f"repeats examples (each about {queries / n_examples:.1f} times), so in-batch negatives include copies "
-            "of the positive's own query; add data or lower batch.queries")
-
-
 def training_plan(cfg, batches, tokenizer=None, *, sample_batches: int = 3) -> dict:
-    """The plan of a run: datasets and their examples, steps per epoch, epochs, and (given the tokenizer) tokens
-    and chunks per step over the first `sample_batches` batches."""
-    data = batches.data
-    per_file = [0] * len(data.paths)
-    for fi, _, _ in data.offsets:
-        per_file[fi] += 1
-    n, q = len(data), cfg.batch.queries
-    plan = {"datasets": [{"path": str(p), "examples": k} for p, k in zip(data.paths, per_file)],
-            "examples": n, "skipped_lines": len(data.skipped), "queries_per_step": q,
+    """The plan of a run: datasets and their examples, steps per epoch, epochs, the sampler's notes (small data,
+    skipped lines), and (given the tokenizer) queries, documents, tokens and chunks per step over the first
+    `sample_batches` batches."""
+    datasets = batches.datasets
+    n, q = sum(len(d.data) for d in datasets), cfg.batch.queries
+    plan = {"datasets": [{"name": d.name, "path": ", ".join(map(str, d.data.paths)), "examples": len(d.data),
+                          "weight": d.weight} for d in datasets],
+            "examples": n, "skipped_lines": sum(len(d.data.skipped) for d in datasets), "queries_per_step": q,
             "documents_per_step": q * (1 + cfg.batch.negatives), "steps": cfg.steps,
-            "steps_per_epoch": math.ceil(n / q), "epochs": round(cfg.steps * q / n, 2),
-            "repeats_in_batch": n < q, "output_dir": cfg.output_dir}
-    if tokenizer is None:
-        return plan
-    budget = CPU_CHUNK_TOKENS if cfg.batch.chunk_tokens == "auto" else int(cfg.batch.chunk_tokens)
-    m = cfg.model
-    tokens, chunks, packed, position = [], [], [], 0
-    for _ in range(min(sample_batches, cfg.steps)):
-        batch, position = batches(position)
-        q_seqs = tokenize_texts(tokenizer, [format_query(m.query_template, t, i) for t, i in
-                                            zip(batch.queries, batch.instructions)], m.query_max_length)
-        d_seqs = tokenize_texts(tokenizer, batch.documents, m.doc_max_length)
-        lengths = [len(s) for s in q_seqs + d_seqs]
-        tokens.append(sum(lengths))
-        chunks.append(len(make_chunks(lengths, budget, cfg.batch.max_chunk_seqs)))
-        packed.append(len(make_packed_chunks(lengths, budget, cfg.batch.max_chunk_seqs)))
-    plan.update(tokens_per_step=round(sum(tokens) / len(tokens)), chunks_per_step=round(sum(chunks) / len(chunks), 1),
-                packed_chunks_per_step=round(sum(packed) / len(packed), 1) if cfg.batch.packing is not False else None,
-                chunk_tokens=cfg.batch.chunk_tokens if cfg.batch.chunk_tokens != "auto" else
-                f"auto (CPU: {CPU_CHUNK_TOKENS}; GPU: probed at start)",
-                sampled_batches=len(tokens))
+            "steps_per_epoch": math.ceil(n / q), "epochs": round(cfg.steps * q / n, 2), "output_dir": cfg.output_dir}
+    if tokenizer is not None:
+        budget = CPU_CHUNK_TOKENS if cfg.batch.chunk_tokens == "auto" else int(cfg.batch.chunk_tokens)
+        m = cfg.model
+        tokens, docs, chunks, packed, position = [], [], [], [], 0
+        for _ in range(min(sample_batches, cfg.steps)):
+            batch, position = batches(position)
+            q_seqs = tokenize_texts(tokenizer, [format_query(m.query_template, t, i) for t, i in
+                                                zip(batch.queries, batch.instructions)], m.query_max_length)
+            d_seqs = tokenize_texts(tokenizer, batch.documents, m.doc_max_length)
+            lengths = [len(s) for s in q_seqs + d_seqs]
+            tokens.append(sum(lengths))
+            docs.append(len(d_seqs))
+            chunks.append(len(make_chunks(lengths, budget, cfg.batch.max_chunk_seqs)))
+            packed.append(len(make_packed_chunks(lengths, budget, cfg.batch.max_chunk_seqs)))
+        k = len(tokens)
+        plan.update(tokens_per_step=round(sum(tokens) / k), documents_per_step=round(sum(docs) / k, 1),
+                    chunks_per_step=round(sum(chunks) / k, 1),
+                    packed_chunks_per_step=round(sum(packed) / k, 1) if cfg.batch.packing is not False else None,
+                    chunk_tokens=cfg.batch.chunk_tokens if cfg.batch.chunk_tokens != "auto" else
+                    f"auto (CPU: {CPU_CHUNK_TOKENS}; GPU: probed at start)", sampled_batches=k)
+    plan["notes"] = list(batches.notes)      # what the run's log would say first
     return plan
 
 
 def format_plan(plan: dict, model: str) -> str:
     lines = ["embforge train --dry-run: config and data are valid", f"  model: {model}"]
-    lines += [f"  dataset: {d['path']}: {d['examples']} examples" for d in plan["datasets"]]
+    lines += [f"  dataset {d['name']}: {d['path']}: {d['examples']} examples (weight {d['weight']:g})"
+              for d in plan["datasets"]]
     if plan["skipped_lines"]:
         lines.append(f"  skipped bad lines: {plan['skipped_lines']}")
     lines += [f"  examples: {plan['examples']}; steps: {plan['steps']} ({plan['steps_per_epoch']} per epoch, "
               f"{plan['epochs']} epochs)",
-              f"  per step: {plan['queries_per_step']} queries, {plan['documents_per_step']} documents"]
+              f"  per step: {plan['queries_per_step']} queries, {plan['documents_per_step']:g} documents"]
     if "tokens_per_step" in plan:
         packed = plan["packed_chunks_per_step"]
         lines.append(f"  tokens per step: ~{plan['tokens_per_step']} (first {plan['sampled_batches']} batches), "
@@ -72,7 +64,5 @@ def format_plan(plan: dict, model: str) -> str:
                      + (f" or ~{packed} packed (where packing applies)" if packed is not None else "")
                      + f", chunk budget {plan['chunk_tokens']} tokens")
     lines.append(f"  output_dir: {plan['output_dir']}")
-    warning = repeat_warning(plan["examples"], plan["queries_per_step"])
-    if warning:
-        lines.append("  " + warning.replace("[train] ", ""))
+    lines += [f"  note: {note.removeprefix('[train] ')}" for note in plan["notes"]]
     return "\n".join(lines)

@@ -48,12 +48,14 @@ def _negatives(rec: dict):
     return [negs] if isinstance(negs, str) else negs
 
 
-def parse_record(rec: dict, where: str) -> Example:
+def parse_record(rec: dict, where: str, default_instruction: str | None = None) -> Example:
+    """One record as an Example; `default_instruction` (a dataset's) is given to records that carry none, before
+    the STS format's generic one."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if rec.get("instruction") is not None and not isinstance(rec["instruction"], str):
         raise DataError(f"{where}: field 'instruction' must be a string")
-    instr = rec.get("instruction") or rec.get("task") or None
+    instr = rec.get("instruction") or rec.get("task") or default_instruction or None
     if "query" in rec:
         negs = _negatives(rec)
         if not isinstance(negs, list) or not all(isinstance(n, str) for n in negs):
@@ -78,8 +80,9 @@ def parse_record(rec: dict, where: str) -> Example:
 class ExampleFile:
     """Index of line byte offsets (not the data) for one or more JSONL files; examples are read on demand."""
 
-    def __init__(self, paths, *, skip_bad_lines: bool = False):
+    def __init__(self, paths, *, skip_bad_lines: bool = False, instruction: str | None = None):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        self.instruction = instruction    # for records that carry none (parse_record's default_instruction)
         self.offsets: list[tuple[int, int, int]] = []   # (file index, byte offset, line number)
         self.skipped: list[str] = []
         for fi, path in enumerate(self.paths):
@@ -110,7 +113,7 @@ class ExampleFile:
         fi, pos, lineno = self.offsets[i]
         with open(self.paths[fi], "rb") as f:
             f.seek(pos)
-            return parse_record(json.loads(f.readline()), f"{self.paths[fi]}:{lineno}")
+            return parse_record(json.loads(f.readline()), f"{self.paths[fi]}:{lineno}", self.instruction)
 
 
 @functools.lru_cache(maxsize=4)

@@ -181,16 +181,17 @@ SOURCES = {"stdlib": lambda rng: stdlib_records(rng), "dictd": dictd_records, "m
            "debian": lambda rng: debian_records()}
 
 
-def build(path: str | Path, seed: int = 0, sources=tuple(SOURCES), cap_per_source: int | None = None) -> int:
-    """Write the training JSONL (shuffled); returns the record count and prints one line per source to stderr.
-    A source whose files are missing is skipped with a warning (scripts/setup.sh installs the dictd packages)."""
+def collect(seed: int = 0, sources=tuple(SOURCES),
+            cap_per_source: int | None = None) -> tuple[dict[str, list[dict]], random.Random]:
+    """({source: its records, shuffled and capped}, the generator, for a later shuffle); prints one line per source to stderr. A source whose files are
+    missing is skipped with a warning (scripts/setup.sh installs the dictd packages)."""
     rng = random.Random(seed)
-    records = []
+    out = {}
     for name in sources:
         try:
             got = SOURCES[name](rng)
         except (FileNotFoundError, OSError) as e:
-            warnings.warn(f"demo data: source {name!r} skipped ({e})", stacklevel=2)
+            warnings.warn(f"demo data: source {name!r} skipped ({e})", stacklevel=3)
             continue
         rng.shuffle(got)
         got = got[:cap_per_source] if cap_per_source else got
@@ -198,11 +199,35 @@ def build(path: str | Path, seed: int = 0, sources=tuple(SOURCES), cap_per_sourc
         for r in got:
             shapes[r["task_type"]] = shapes.get(r["task_type"], 0) + 1
         print(f"[demo data] {name}: {len(got)} records {shapes}", file=sys.stderr)
-        records += got
-    rng.shuffle(records)
-    path = Path(path)
+        out[name] = got
+    return out, rng
+
+
+def _write(path: Path, records: list[dict]):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_atomic(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def build(path: str | Path, seed: int = 0, sources=tuple(SOURCES), cap_per_source: int | None = None) -> int:
+    """One training JSONL of every source, shuffled together (a single-file fixture for tests and benchmarks);
+    returns the record count."""
+    by_source, rng = collect(seed, sources, cap_per_source)
+    records = [r for got in by_source.values() for r in got]
+    rng.shuffle(records)
+    _write(Path(path), records)
     return len(records)
+
+
+def build_per_source(out_dir: str | Path, seed: int = 0, sources=tuple(SOURCES),
+                     cap_per_source: int | None = None) -> dict[str, int]:
+    """One JSONL per source, `<out_dir>/<source>.jsonl` (the datasets of a mixture: docs/train.md), the same records
+    `build` writes for the same arguments; returns {source: record count}. A skipped source writes no file (and
+    leaves any older file of that name alone)."""
+    by_source, _ = collect(seed, sources, cap_per_source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, records in by_source.items():
+        _write(out_dir / f"{name}.jsonl", records)
+    return {name: len(records) for name, records in by_source.items()}

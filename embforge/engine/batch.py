@@ -16,6 +16,8 @@ class ContrastiveBatch:
     documents: list[str]                  # grouped: query i owns documents[i*G:(i+1)*G], positive first
     query_ids: list[int] | None = None    # optional explicit text ids (both or neither); default: from the texts
     doc_ids: list[int] | None = None
+    dataset: str | None = None            # where the batch came from (metrics, per-dataset losses)
+    in_batch_negatives: bool = True       # false: each query's negatives are only its own group's documents
 
     def __post_init__(self):
         B, N = len(self.queries), len(self.documents)
@@ -44,7 +46,8 @@ def text_ids(queries: list[str], documents: list[str]) -> tuple[torch.Tensor, to
     return torch.tensor(q, dtype=torch.long), torch.tensor(d, dtype=torch.long)
 
 
-def to_batch(examples, negatives: int) -> ContrastiveBatch:
+def to_batch(examples, negatives: int, *, dataset: str | None = None,
+             in_batch_negatives: bool = True) -> ContrastiveBatch:
     """Grouped layout from training examples (anything with .query, .instruction, .positive, .negatives): each
     query owns [positive, K hard negatives]; short lists are filled with other examples' positives (still valid
     negatives, and the duplicate-text masking guards accidental matches)."""
@@ -56,7 +59,8 @@ def to_batch(examples, negatives: int) -> ContrastiveBatch:
             negs.append(examples[(i + j) % len(examples)].positive)
             j += 1
         docs += [ex.positive] + negs
-    return ContrastiveBatch([e.query for e in examples], [e.instruction for e in examples], docs)
+    return ContrastiveBatch([e.query for e in examples], [e.instruction for e in examples], docs,
+                            dataset=dataset, in_batch_negatives=in_batch_negatives)
 
 
 def shard_batch(batch: ContrastiveBatch, dist_) -> ContrastiveBatch:
@@ -74,4 +78,5 @@ def shard_batch(batch: ContrastiveBatch, dist_) -> ContrastiveBatch:
         qid, did = q.tolist(), d.tolist()
     qs = slice(dist_.rank * b, (dist_.rank + 1) * b)
     ds = slice(dist_.rank * b * G, (dist_.rank + 1) * b * G)
-    return ContrastiveBatch(batch.queries[qs], batch.instructions[qs], batch.documents[ds], qid[qs], did[ds])
+    return ContrastiveBatch(batch.queries[qs], batch.instructions[qs], batch.documents[ds], qid[qs], did[ds],
+                            batch.dataset, batch.in_batch_negatives)

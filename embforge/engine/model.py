@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from embforge.engine.checks import check_model_path
+from embforge.engine.precision import resolve_dtype
 from embforge.engine.text import DEFAULT_QUERY_TEMPLATE, check_template, format_query, pad_batch, tokenize_texts
 from embforge.kernels import last_token_pool, mean_pool
 
@@ -79,7 +80,7 @@ def lora_layers(model, requested) -> list[int] | None:
 class ModelConfig:
     path: str = "smollm2"               # "smollm2" = the offline SmolLM2-135M asset, "tiny-<family>" = random test
                                         # decoder; else a local dir or hub id
-    dtype: str = "auto"                 # auto: bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"                 # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (precision.py)
     quantization: str = "none"          # none | nf4 (bitsandbytes 4-bit, double quantization)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = False  # always non-reentrant
@@ -121,12 +122,6 @@ def resolve_path(path: str) -> str:
         from embforge.engine.assets import tiny_decoder_dir
         return str(tiny_decoder_dir(path[len("tiny-"):]))
     return path
-
-
-def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _attn_impl(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -216,7 +211,7 @@ class Embedder(torch.nn.Module):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         path = check_model_files(cfg.path)     # one line naming model.path when it cannot load
-        dtype = _torch_dtype(cfg.dtype, device)
+        dtype = resolve_dtype(cfg.dtype, device)
         hf_cfg = AutoConfig.from_pretrained(path)
         if cfg.rope_theta is not None:
             from embforge.engine.rope import rope_override

@@ -33,6 +33,7 @@ from typing import Callable, Protocol
 import torch
 
 from embforge.common import append_jsonl
+from embforge.config import ConfigError
 from embforge.engine.batch import ContrastiveBatch, shard_batch
 from embforge.engine.checks import check_train_values
 from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
@@ -45,8 +46,30 @@ from embforge.engine.temperature import Temperature
 
 
 @dataclass
+class DatasetSpec:
+    """A `data.train` entry given as a mapping (a bare path is DatasetSpec(path=...)); embforge/data/mixture.py
+    resolves it (files, default name and weight) and samples from it (docs/train.md, "Datasets and mixtures")."""
+    path: str                              # a JSONL file, a directory of *.jsonl shards, or a glob
+    name: str | None = None                # default: the file stem
+    weight: float | None = None            # default: the dataset's size (proportional sampling)
+    instruction: str | None = None         # given to the records that carry none
+    negatives: int | None = None           # default: batch.negatives
+    in_batch_negatives: bool = True        # false: each query sees only its own positive and hard negatives
+
+    def validate(self):
+        if not self.path.strip():
+            raise ConfigError("path: must not be empty")
+        if self.name is not None and not self.name.strip():
+            raise ConfigError("name: must not be empty")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"weight: must be a number > 0, got {self.weight}")
+        if self.negatives is not None and self.negatives < 0:
+            raise ConfigError(f"negatives: must be >= 0, got {self.negatives}")
+
+
+@dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)     # JSONL files (ours or raw E5 formats)
+    train: list[str | DatasetSpec] = field(default_factory=list)   # JSONL paths (ours or raw E5 formats) or specs
     skip_bad_lines: bool = False
 
 
@@ -57,6 +80,7 @@ class BatchConfig:
     chunk_tokens: int | str = 4096     # GradCache chunk budget: real tokens when packed, else padded; or "auto"
     max_chunk_seqs: int | None = None
     packing: bool | str = "auto"       # padding-free packed chunks; auto: on wherever exact (engine/packing.py)
+    sampling: str | None = None        # homogeneous | mixed; default: homogeneous for several datasets, else mixed
 
 
 @dataclass
@@ -109,6 +133,8 @@ class TrainConfig:
             raise ValueError("data.train: give at least one training JSONL file")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch.sampling not in (None, "homogeneous", "mixed"):
+            raise ValueError(f"batch.sampling must be homogeneous or mixed, got {self.batch.sampling!r}")
         if self.batch.packing not in (True, False, "auto"):
             raise ValueError(f"batch.packing must be true, false or 'auto', got {self.batch.packing!r}")
         if self.optim.decay not in ("linear", "cosine", "constant"):
@@ -141,11 +167,13 @@ def make_optimizer(params, cfg: OptimConfig, device):
 
 class BatchSource(Protocol):
     """The trainer's data: `batches(position) -> (global ContrastiveBatch at that position, next position)`.
-    Position-indexed, so the position a checkpoint stores resumes the exact sequence (embforge/data/batches.py)."""
+    Position-indexed, so the position a checkpoint stores resumes the exact sequence (embforge/data/batches.py). A
+    position is an int or a small dict of builtins (the multi-dataset sampler's per-dataset positions)."""
 
-    notes: list[str]      # lines for the log, printed once by rank 0 (e.g. how many bad lines were skipped)
+    notes: list[str]      # lines for the log (bad lines skipped, ...): rank 0 prints and every rank empties it,
+                          # before training and after each batch
 
-    def __call__(self, position: int) -> tuple[ContrastiveBatch, int]: ...
+    def __call__(self, position): ...
 
 
 Evaluate = Callable[[Embedder, int], dict]   # (embedder, step) -> metrics; run by rank 0 alone
@@ -176,9 +204,20 @@ class Run:
 class Progress:
     """What a checkpoint saves besides the weights and optimizer."""
     step: int = 0
-    position: int = 0
+    position: int | dict = 0
     losses: list[float] = field(default_factory=list)
     evals: dict = field(default_factory=dict)
+    datasets: list[str | None] = field(default_factory=list)   # each step's batch.dataset (aligned with losses)
+
+    def per_dataset(self) -> dict:
+        """{dataset: {"steps", "mean_loss"}} over the steps whose batch named its dataset."""
+        out: dict[str, dict] = {}
+        for name, loss in zip(self.datasets, self.losses):
+            if name is not None:
+                d = out.setdefault(name, {"steps": 0, "mean_loss": 0.0})
+                d["steps"] += 1
+                d["mean_loss"] += (loss - d["mean_loss"]) / d["steps"]
+        return out
 
 
 def setup_model(cfg: TrainConfig, dist_: Dist, device: torch.device) -> Embedder:
@@ -220,7 +259,10 @@ def resume_from_checkpoint(run: Run, reporter: "Reporter") -> Progress:
         raise FileNotFoundError(f"rank {dist_.rank}: checkpoint {ckpt} (chosen by rank 0) is not visible here; "
                                 "output_dir must be on a filesystem shared by all nodes")
     state = load_checkpoint(ckpt, run.embedder, run.optimizer, run.scheduler, run.temperature.log_tau)
-    progress = Progress(state["step"], state["position"], state["losses"], state.get("evals", {}))
+    losses = state["losses"]
+    datasets = state.get("datasets") or []
+    datasets = [None] * (len(losses) - len(datasets)) + datasets     # older checkpoints kept no dataset names
+    progress = Progress(state["step"], state["position"], losses, state.get("evals", {}), datasets)
     note = restore_rng(state, dist_.rank, dist_.world_size, run.cfg.seed, progress.step)
     if note:
         reporter.log(note)
@@ -236,10 +278,13 @@ def train_step(run: Run, batch: ContrastiveBatch) -> tuple[StepResult, dict]:
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    # Only a batch that turns in-batch negatives off asks the step for it (cli/train.py refuses such a dataset
+    # while contrastive_step has no such option).
+    batch_kw = {} if batch.in_batch_negatives else {"in_batch_negatives": False}
     res = contrastive_step(run.step_embedder, batch, temperature=run.temperature(), chunk_tokens=run.chunk_tokens,
                            max_chunk_seqs=cfg.batch.max_chunk_seqs, same_tower=cfg.loss.same_tower,
                            matryoshka_dims=cfg.loss.matryoshka_dims, matryoshka_weights=cfg.loss.matryoshka_weights,
-                           dist=dist_)
+                           dist=dist_, **batch_kw)
     sum_grads(run.temperature.parameters(), dist_)   # outside the wrapped module: reduced here, with SUM
     # The reduced gradients are the global ones, so this is the global pre-clip norm on every rank.
     gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip))
@@ -254,6 +299,8 @@ def train_step(run: Run, batch: ContrastiveBatch) -> tuple[StepResult, dict]:
            "tokens_per_s": tokens / dt, "chunks": res.n_chunks, "seconds": dt, "peak_gb": peak,
            "real_tokens": tokens, "computed_tokens": computed, "packed": res.packed,
            **{f"t_{k}": v for k, v in res.timings.items()}}
+    if batch.dataset is not None:
+        rec["dataset"] = batch.dataset
     if dist_.active:
         rec["world_size"] = dist_.world_size
     if run.temperature.learnable:
@@ -287,12 +334,13 @@ class Reporter:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
 
-    def step(self, rec: dict):
+    def step(self, rec: dict, per_dataset: dict | None = None):
         append_jsonl(self.metrics_path, rec)
         if self.bar:
             self.bar.update(1)
+            extra = {"data": format_per_dataset(per_dataset)} if per_dataset else {}
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                 chunks=rec["chunks"], mem=f"{rec['peak_gb']:.1f}G")
+                                 chunks=rec["chunks"], mem=f"{rec['peak_gb']:.1f}G", **extra)
 
     def evaluate(self, embedder: Embedder, step: int) -> dict | None:
         metrics = self.evaluate_fn(embedder, step)
@@ -310,6 +358,11 @@ class Reporter:
             self.bar.close()
 
 
+def format_per_dataset(per_dataset: dict) -> str:
+    """`name steps/mean loss` per dataset, e.g. "synthetic 12/0.812 msmarco 4/1.020"."""
+    return " ".join(f"{name} {d['steps']}/{d['mean_loss']:.3f}" for name, d in per_dataset.items())
+
+
 class SilentReporter(Reporter):
     """Every other rank: nothing to say, nothing to write; they wait for rank 0 in the next collective."""
 
@@ -319,7 +372,7 @@ class SilentReporter(Reporter):
     def log(self, msg): pass
     def resume_at(self, step): pass
     def start(self, initial, total): pass
-    def step(self, rec): pass
+    def step(self, rec, per_dataset=None): pass
     def evaluate(self, embedder, step): return None
     def save_checkpoint(self, run, step, state): pass
     def save_model(self, embedder, path, adapter_state_dict): pass
@@ -345,10 +398,17 @@ class StopOnSignal:
             signal.signal(s, h)
 
 
+def log_notes(batches: BatchSource, reporter: Reporter):
+    """The batch source's new log lines: rank 0 prints them; every rank empties its list (the same on every rank)."""
+    while batches.notes:
+        reporter.log(batches.notes.pop(0))
+
+
 def checkpoint(run: Run, progress: Progress, reporter: Reporter, step: int):
     rng = run.dist.gather_objects(rng_states())      # every rank's generators (a collective: all ranks call)
     reporter.save_checkpoint(run, step, {
-        "step": step, "position": progress.position, "losses": progress.losses, "rng": rng[0], "rng_ranks": rng,
+        "step": step, "position": progress.position, "losses": progress.losses, "datasets": progress.datasets,
+        "rng": rng[0], "rng_ranks": rng,
         "world_size": run.dist.world_size, "evals": progress.evals, "config": dataclasses.asdict(run.cfg)})
     run.dist.barrier()                               # nobody runs ahead of a checkpoint still being written
 
@@ -378,8 +438,7 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     prepare_output_dir(cfg.output_dir, dist_, resume=resume, overwrite=overwrite)
     run = setup(cfg, dist_, device)
     reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate)
-    for note in batches.notes:
-        reporter.log(note)
+    log_notes(batches, reporter)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
     reporter.resume_at(state.step)
 
@@ -396,10 +455,12 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
         with StopOnSignal(dist_.rank) as stop:
             for step in range(state.step, cfg.steps):
                 batch, state.position = batches(state.position)
+                log_notes(batches, reporter)
                 result, rec = train_step(run, shard_batch(batch, dist_))
                 state.losses.append(result.loss)
+                state.datasets.append(batch.dataset)
                 stop.flag = dist_.any(stop.flag)          # one rank's signal stops every rank at this step
-                reporter.step({"step": step + 1, **rec})
+                reporter.step({"step": step + 1, **rec}, state.per_dataset())
                 done = step + 1
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
                     maybe_evaluate(f"step{done}", done)
@@ -407,11 +468,16 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
                 if not run.fsdp and (interrupted or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                     checkpoint(run, state, reporter, done)
                 if interrupted:
-                    return {"losses": state.losses, "eval": state.evals, "stopped_at": done, "main": dist_.is_main}
+                    return {"losses": state.losses, "eval": state.evals, "datasets": state.per_dataset(),
+                            "stopped_at": done, "main": dist_.is_main}
         maybe_evaluate("after", cfg.steps)
         if not run.fsdp:
             checkpoint(run, state, reporter, cfg.steps)
         save_final(run, reporter)
-        return {"losses": state.losses, "eval": state.evals, "embedder": run.embedder, "main": dist_.is_main}
+        per_dataset = state.per_dataset()
+        if per_dataset:
+            reporter.log(f"[train] per dataset (steps/mean loss): {format_per_dataset(per_dataset)}")
+        return {"losses": state.losses, "eval": state.evals, "datasets": per_dataset, "embedder": run.embedder,
+                "main": dist_.is_main}
     finally:
         reporter.close()

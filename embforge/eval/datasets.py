@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -206,3 +207,61 @@ def gcide_sts(out_path: str | Path | None = None, *, n_pairs: int = 300, seed: i
             for a, b, s in zip(s1, s2, scores):
                 f.write(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n")
     return pairs
+
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNES_TOPICS = ("food", "love", "science", "politics", "sports", "medicine", "law", "education", "drugs", "kids")
+FORTUNES_INSTRUCTION = "Given a quotation, retrieve quotations on the same topic"
+
+
+def fortunes_by_topic(data_dir: str | Path | None = None, topics=FORTUNES_TOPICS) -> dict[str, list[str]]:
+    """General-English quotations and jokes from the Debian `fortunes` package (BSD fortune files, one file per
+    topic, entries separated by `%` lines), attribution lines (`-- Author`) removed so a model cannot match by name.
+    Kept: 40-400 characters, each text once (in the first topic it appears in)."""
+    data_dir = Path(data_dir) if data_dir is not None else FORTUNES_DIR
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for topic in topics:
+        path = data_dir / topic
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: fortune file not found (Debian package 'fortunes': "
+                                    "apt-get install fortunes)")
+        texts = []
+        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [ln for ln in entry.splitlines() if not re.match(r"\s*--\s", ln) and ln.strip() != "%"]
+            text = " ".join(" ".join(lines).split())
+            if 40 <= len(text) <= 400 and text not in seen:
+                seen.add(text)
+                texts.append(text)
+        out[topic] = texts
+    return out
+
+
+def fortunes_beir(out_dir: str | Path | None = None, *, queries_per_topic: int = 10, docs_per_topic: int = 36,
+                  seed: int = 0, data_dir: str | Path | None = None, topics=FORTUNES_TOPICS,
+                  split: str = "test") -> BeirDataset:
+    """Same-topic retrieval over general English (a general-similarity set beside the dictionary ones): each query
+    is a quotation, its relevant documents every corpus quotation of the same topic file (food, love, science,
+    politics, ...); queries and corpus are disjoint. Topic labels are the fortune files' own, so they are coarse:
+    the set ranks models by how well topic survives in the embedding, not by paraphrase detection. Never trained
+    on (docs/data.md)."""
+    import random
+
+    by_topic = fortunes_by_topic(data_dir, topics)
+    rng = random.Random(seed)
+    corpus, queries, qrels = {}, {}, {}
+    for topic, texts in by_topic.items():
+        need = queries_per_topic + docs_per_topic
+        if len(texts) < need:
+            raise ValueError(f"fortunes topic {topic!r} has {len(texts)} usable entries, {need} asked")
+        texts = rng.sample(texts, need)
+        docs = {f"{topic}-d{i}": t for i, t in enumerate(texts[queries_per_topic:])}
+        corpus.update(docs)
+        for i, t in enumerate(texts[:queries_per_topic]):
+            queries[f"{topic}-q{i}"] = t
+            qrels[f"{topic}-q{i}"] = {d: 1 for d in docs}
+    ds = BeirDataset(corpus=corpus, queries=queries, qrels=qrels, name="fortunes-topics", split=split,
+                     instructions={q: FORTUNES_INSTRUCTION for q in queries})
+    if out_dir is not None:
+        write_beir(ds, out_dir)
+    return ds

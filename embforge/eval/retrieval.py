@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from embforge.engine.search import search_chunks
 
 from .beir import BeirDataset, load_beir
+from .encoders import encode_unique
 from .metrics import DEFAULT_K, retrieval_metrics
 
 
@@ -22,7 +23,7 @@ def _encode_queries(encoder, ds: BeirDataset, qids: list[str], instruction: str 
         groups.setdefault(ds.instructions.get(qid, instruction), []).append(i)
     out: torch.Tensor | None = None
     for inst, rows in groups.items():
-        emb = encoder.encode([ds.queries[qids[i]] for i in rows], instruction=inst, batch_size=batch_size)
+        emb = encode_unique(encoder, [ds.queries[qids[i]] for i in rows], instruction=inst, batch_size=batch_size)
         if out is None:
             out = emb.new_empty((len(qids), emb.shape[1]))
         out[rows] = emb
@@ -33,7 +34,7 @@ def _corpus_stream(encoder, texts: list[str], chunk: int, batch_size: int, progr
     """Encode the corpus chunk by chunk so only one chunk of document embeddings is alive at a time."""
     bar = tqdm(total=len(texts), desc="encode corpus", unit="doc", file=sys.stderr, disable=not progress)
     for start in range(0, len(texts), chunk):
-        emb = encoder.encode(texts[start:start + chunk], instruction=None, batch_size=batch_size)
+        emb = encode_unique(encoder, texts[start:start + chunk], instruction=None, batch_size=batch_size)
         bar.update(min(chunk, len(texts) - start))
         yield emb
     bar.close()

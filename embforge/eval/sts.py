@@ -13,6 +13,7 @@ from pathlib import Path
 
 from embforge.common import read_jsonl
 
+from .encoders import encode_unique
 from .metrics import sts_metrics
 
 FIELDS = ("sentence1", "sentence2", "score")
@@ -72,8 +73,9 @@ def evaluate_sts(encoder, pairs: StsPairs | str | Path, *, instruction: str | No
                  batch_size: int = 32) -> dict[str, float]:
     """Spearman/Pearson of cosine(sentence1, sentence2) against the gold scores."""
     pairs = pairs if isinstance(pairs, StsPairs) else load_sts(pairs)
-    a = encoder.encode(pairs.sentence1, instruction=instruction, batch_size=batch_size)
-    b = encoder.encode(pairs.sentence2, instruction=instruction, batch_size=batch_size)
+    n = len(pairs.sentence1)
+    both = encode_unique(encoder, pairs.sentence1 + pairs.sentence2, instruction=instruction, batch_size=batch_size)
+    a, b = both[:n], both[n:]
     # Rows are unit vectors by contract; renormalising costs nothing and guards against encoders that forget.
     a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
     b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)

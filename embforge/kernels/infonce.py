@@ -394,7 +394,19 @@ def _ids(x, n, name, device):
     return x.to(torch.int64)
 
 
-def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, same_tower, backend,
+def _temperature(temperature):
+    if isinstance(temperature, torch.Tensor):
+        tau_t = temperature
+        tau_val = float(temperature.detach())
+    else:
+        tau_t = torch.tensor(float(temperature))
+        tau_val = float(temperature)
+    if not (tau_val > 0 and math.isfinite(tau_val)):
+        raise ValueError(f"infonce_loss: temperature must be a positive finite number, got {tau_val}")
+    return tau_t, tau_val
+
+
+def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, opts, backend,
                      chunk_size, memory_budget_mb, eps, tower_queries=None, tower_query_ids=None, query_offset=0):
     B, N = q.shape[0], d.shape[0]
     dev = q.device
@@ -411,6 +423,14 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, s
                              f"[{int(pos.min())}, {int(pos.max())}]")
     q_id = _ids(query_ids, B, "query_ids", dev)
     cid = _ids(doc_ids, N, "doc_ids", dev)
+    if not opts.plain:     # margin, GTE directions, own group, distillation: infonce_terms.py
+        from embforge.kernels.infonce_terms import terms_loss
+        tau_t, _ = _temperature(temperature)
+        return terms_loss(q, d, tau_t, opts, pos=pos, q_id=q_id, cid=cid, tower_queries=tower_queries,
+                          tower_query_ids=tower_query_ids, query_offset=query_offset, backend=backend,
+                          chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, eps=eps,
+                          default_layout=positive_index is None)
+    same_tower = "q2q" in opts.directions
     candidates = d
     self_col = None
     if same_tower:
@@ -437,14 +457,7 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, s
     n_all = candidates.shape[0]
     rows = chunk_size if chunk_size else choose_chunk_rows(n_all, memory_budget_mb, B, backend)
     impl = (_rows_triton, _project_triton) if backend == "triton" else (_rows_torch, _project_torch)
-    if isinstance(temperature, torch.Tensor):
-        tau_t = temperature
-        tau_val = float(temperature.detach())
-    else:
-        tau_t = torch.tensor(float(temperature))
-        tau_val = float(temperature)
-    if not (tau_val > 0 and math.isfinite(tau_val)):
-        raise ValueError(f"infonce_loss: temperature must be a positive finite number, got {tau_val}")
+    tau_t, _ = _temperature(temperature)
     # With same_tower, q reaches the loss both as queries and (through the cat) as candidates; autograd sums
     # the two gradients.
     return _InfoNCEFunction.apply(q, candidates, tau_t, masking, rows, impl, eps)
@@ -467,7 +480,10 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
                  matryoshka_dims=None, matryoshka_weights=None, backend: str = "auto",
                  chunk_size: int | None = None, memory_budget_mb: float | None = None,
                  eps: float = 1e-6, tower_queries: torch.Tensor | None = None, tower_query_ids=None,
-                 query_offset: int = 0) -> torch.Tensor:
+                 query_offset: int = 0, directions=("q2d",), false_negative_margin: float | None = None,
+                 in_batch_negatives: bool = True, teacher_scores: torch.Tensor | None = None,
+                 teacher_temperature: float = 1.0, distill_weight: float = 0.0,
+                 group_size: int | None = None) -> torch.Tensor:
     """InfoNCE over cosine similarity / temperature with in-batch and hard negatives.
 
     q: [B, H] raw query embeddings; d: [N, H] raw candidate embeddings (not normalized; fp32/bf16/fp16).
@@ -477,33 +493,54 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
     query_ids [B] / doc_ids [N]: integer text ids (-1 = unknown). A candidate whose id equals the id of the
         query's positive, or of the query itself, is not used as a negative (known false negatives,
         duplicate texts in the batch).
-    same_tower: also use the other queries as negatives (Gecko).
+    same_tower: also use the other queries as negatives (Gecko); a synonym for adding "q2q" to directions.
     matryoshka_dims / matryoshka_weights: sum of weighted losses over leading-dimension prefixes.
     backend: "auto" (Triton epilogue on CUDA, torch elsewhere), "triton", or "torch".
     chunk_size / memory_budget_mb: query rows processed at once; by default as many as fit
         memory_budget_mb (1024) of C x N scratch. Memory never grows as B x N.
     eps: norms are clamped to eps (a zero vector gives finite values, never NaN).
-    tower_queries [T, H] / tower_query_ids [T] / query_offset (same_tower only): the queries that join the
-        candidates, when q is only rows [query_offset, query_offset + B) of them (one rank's slice of the gathered
-        queries); default: q itself, offset 0. positive_index then still indexes d.
+    tower_queries [T, H] / tower_query_ids [T] / query_offset (q2q / d2q): the "other queries" of q2q and d2q,
+        when q is only rows [query_offset, query_offset + B) of them (one rank's slice of the gathered queries);
+        default: q itself, offset 0. positive_index then still indexes d.
+
+    The terms below are defined exactly in embforge/kernels/infonce_terms.py; each keeps the memory bound.
+    directions: any of "q2d" (query vs candidates), "q2q" (query vs other queries), "d2q" (other queries vs the
+        query's positive), "d2d" (the positive vs the other candidates) - GTE's joint partition; one softmax per
+        query over the positive and every enabled term.
+    false_negative_margin m: a negative of any term whose cosine exceeds s(q_i, d_p(i)) + m is dropped.
+    in_batch_negatives=False: query i's negatives are only its own group d[p(i) : p(i) + G] (q2d only).
+    teacher_scores [B, G]: a teacher's scores of each query's group (positive first; a NaN row = unscored);
+        adds distill_weight * mean over scored rows of KL(softmax(T_i/teacher_temperature) || softmax(s_i/tau)).
+        Under row sharding pass the gathered [B_all, G] rows with query_offset: the mean then runs over the whole
+        batch's scored rows, so each rank's loss / world size adds up to the one-process loss.
+    group_size G: candidates each query owns from its positive on (default: teacher_scores' width, else N // B in
+        the grouped layout); needed with positive_index for in_batch_negatives=False.
     Returns a 0-dim fp32 tensor, differentiable w.r.t. q, d and a tensor temperature.
     """
     _check(q, d)
     backend = resolve_backend(backend, q.device)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"infonce_loss: chunk_size must be >= 1, got {chunk_size}")
-    kw = dict(positive_index=positive_index, query_ids=query_ids, doc_ids=doc_ids, same_tower=same_tower,
+    from embforge.kernels.infonce_terms import resolve_options
+    opts = resolve_options(directions, same_tower, false_negative_margin, in_batch_negatives, teacher_scores,
+                           teacher_temperature, distill_weight, group_size)
+    kw = dict(positive_index=positive_index, query_ids=query_ids, doc_ids=doc_ids, opts=opts,
               backend=backend, chunk_size=chunk_size, memory_budget_mb=memory_budget_mb, eps=eps,
               tower_query_ids=tower_query_ids, query_offset=query_offset)
+    gathered_teacher = opts.teacher is not None and opts.teacher.shape[0] != q.shape[0]
     if tower_queries is not None:
-        if not same_tower:
-            raise ValueError("infonce_loss: tower_queries is only used with same_tower=True")
+        if not opts.directions & {"q2q", "d2q"}:
+            raise ValueError("infonce_loss: tower_queries is only used with same_tower=True or directions q2q / d2q")
         _check(tower_queries, d)
         if not 0 <= query_offset <= tower_queries.shape[0] - q.shape[0]:
             raise ValueError(f"infonce_loss: query_offset={query_offset} puts the {q.shape[0]} queries outside the "
                              f"{tower_queries.shape[0]} tower_queries")
-    elif query_offset != 0 or tower_query_ids is not None:
-        raise ValueError("infonce_loss: query_offset / tower_query_ids need tower_queries")
+        if gathered_teacher and opts.teacher.shape[0] != tower_queries.shape[0]:
+            raise ValueError(f"infonce_loss: teacher_scores has {opts.teacher.shape[0]} rows but there are "
+                             f"{tower_queries.shape[0]} tower_queries (gathered rows must match)")
+    elif tower_query_ids is not None or (query_offset != 0 and not gathered_teacher):
+        raise ValueError("infonce_loss: query_offset / tower_query_ids need tower_queries (or gathered "
+                         "teacher_scores for query_offset)")
     if matryoshka_dims is None:
         return _single_dim_loss(q, d, temperature, tower_queries=tower_queries, **kw)
     dims = list(matryoshka_dims)
