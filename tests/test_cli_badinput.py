@@ -22,6 +22,9 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "no_positive.jsonl").write_text(json.dumps(GOOD[0]) + "\n" + json.dumps({"query": "q"}) + "\n")
     (tmp_path / "c.yaml").write_text("model: {path: tiny-llama}\ndata: {train: [d.jsonl]}\n"
                                      "batch: {queries: 4, chunk_tokens: 64}\nsteps: 1\noutput_dir: out\n")
+    (tmp_path / "hubbase").mkdir()     # a model folder whose base is a hub id this machine has never downloaded
+    (tmp_path / "hubbase" / "embforge_config.json").write_text(json.dumps(
+        {"model": {"path": "nosuch-org/nosuch-model"}, "merged": False}))
     (tmp_path / "used" / "checkpoints").mkdir(parents=True)
     (tmp_path / "used" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     from embforge.eval.datasets import is_heldout
@@ -91,6 +94,8 @@ CASES = [
     (TRAIN + ["--resume", "--overwrite"], "--resume"),
     (["encode", "--model", "nowhere", "--out", "x.npy", "hi"], "nowhere"),
     (["encode", "--model", "nowhere", "--out", "x.txt", "hi"], "--out x.txt"),
+    (["encode", "--model", "hubbase", "--out", "x.npy", "hi"], "not in the offline cache"),
+    (["export", "--model", "hubbase", "--out", "exp"], "not in the offline cache"),
     (["export", "--model", "nowhere", "--out", "exp"], "nowhere"),
     (["eval", "retrieval", "--model", "hashing", "--synthetic", "one.jsonl"], "held-out"),
     (["eval", "sts", "--model", "hashing", "--data", "missing.tsv"], "missing.tsv"),

@@ -300,6 +300,8 @@ class Embedder(torch.nn.Module):
             from embforge.engine.baseref import locate_base
             meta["model"]["path"] = locate_base(meta["model"]["path"], path)
         cfg = build_dataclass(ModelConfig, meta["model"], prefix="model.")
+        from embforge.engine.modelfiles import check_model_files
+        check_model_files(cfg.path)      # a base that cannot load is one line, before anything loads
         overrides = {k: v for k, v in (("quantization", quantization), ("dtype", dtype)) if v is not None}
         cfg = dataclasses.replace(cfg, **overrides)
         if cfg.liger and torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cuda":
