@@ -149,3 +149,10 @@ def test_small_data_says_once_that_batches_repeat_examples(workdir):
     batch, _ = ExampleBatches(["d.jsonl"], queries=48, negatives=1, seed=0)(0)
     assert len(batch.queries) == 48 and len(set(batch.queries)) == 6          # what the warning describes
     assert ExampleBatches(["d.jsonl"], queries=6, negatives=1, seed=0).notes == []
+
+
+def test_eval_sts_instruction_help_says_both_sentences(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "sts", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--instruction INSTRUCTION instruction applied to BOTH sentences of every pair" in help_text

@@ -61,3 +61,6 @@ def test_copied_model_folder_encodes_with_the_cache_elsewhere(tmp_path, monkeypa
     assert main(["encode", "--model", "moved/model", "--out", "e.jsonl", *texts]) == 0
     rows = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(np.array(rows), here, rtol=0, atol=1e-6)
+    import torch
+    assert main(["encode", "--model", "moved/model", "--out", "e.pt", *texts]) == 0
+    np.testing.assert_allclose(torch.load(tmp_path / "e.pt").numpy(), here, rtol=0, atol=1e-6)
