@@ -182,7 +182,7 @@ MUTATIONS += [
              "            0 and h.index_add_(0, pos, ", TERMS_TESTS, 1,
              "segment B's gradient never reaches its anchor (the positive)"),
     Mutation("terms-d2q-column-grad-missing", TERMS,
-             "base._accumulate_f32_(h[L.b_range[0]: L.b_range[1]], GB.t(), vp_c, first=False)", "pass",
+             "base.accumulate_f32_(h[L.b_range[0]: L.b_range[1]], GB.t(), vp_c, first=False)", "pass",
              TERMS_TESTS, 1, "segment B's gradient never reaches its columns (the other queries / candidates)"),
     Mutation("terms-in-batch-ignored", TERMS, "group=None if opts.in_batch else group_size", "group=None",
              TERMS_TESTS, 1, "in_batch_negatives=False has no effect"),

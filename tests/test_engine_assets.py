@@ -82,11 +82,30 @@ def test_tiny_decoder_built_in_cache_without_touching_rng(tmp_path):
     before = torch.get_rng_state()
     d = assets.tiny_decoder_dir("qwen2", cache_dir=tmp_path)
     assert torch.equal(torch.get_rng_state(), before)
-    assert d == tmp_path / "tiny-qwen2-h64-l2-s0"
+    assert d.parent == tmp_path and d.name.startswith("tiny-qwen2-h64-l2-s0-t")
     cfg = AutoConfig.from_pretrained(d)
     assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers) == ("qwen2", 64, 2)
     tok = AutoTokenizer.from_pretrained(d)
-    assert cfg.vocab_size == len(tok) == 49152 and cfg.eos_token_id == tok.eos_token_id
+    assert cfg.vocab_size == len(tok) == 1024 and cfg.eos_token_id == tok.eos_token_id
+    # the shipped tokenizer, with SmolLM2's special tokens at SmolLM2's ids
+    assert (tok.eos_token, tok.pad_token, tok.eos_token_id, tok.bos_token_id) == ("<|im_end|>", "<|im_end|>", 2, 1)
+    text = "what is the boiling point of water? résumé 日本"
+    assert tok.decode(tok(text)["input_ids"]) == text            # byte-level: nothing is unknown
+    assert tok(text)["input_ids"] == assets.tiny_tokenizer()(text)["input_ids"]
+
+
+def test_tiny_tokenizer_is_what_its_script_makes():
+    """The committed tokenizer file is reproduced by scripts/make_tiny_tokenizer.py from its pinned sources."""
+    repo = assets.TINY_TOKENIZER.parents[2]
+    script = repo / "scripts" / "make_tiny_tokenizer.py"
+    has_commit = subprocess.run(["git", "cat-file", "-e", "634ae65^{commit}"], cwd=repo,
+                                capture_output=True).returncode == 0
+    if not has_commit:
+        pytest.skip("the tokenizer's source commit is not in this checkout (shallow clone)")
+    r = subprocess.run([sys.executable, str(script), "--check"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "reproduced" in r.stdout, r.stdout + r.stderr
+    assert assets.TINY_TOKENIZER.stat().st_size < 64_000
 
 
 @pytest.mark.parametrize("family", assets.TINY_FAMILIES)

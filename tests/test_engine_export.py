@@ -22,7 +22,7 @@ DOCS = ["sorted() returns a new sorted list", "The with statement runs __enter__
 
 def _trained(tmp_path, seed=0, **model_kw):
     """A tiny-llama embedder with a non-trivial LoRA adapter, saved as a run's final folder."""
-    cfg = ModelConfig(path=model_kw.pop("path", "tiny-llama"), query_max_length=32, doc_max_length=24, **model_kw)
+    cfg = ModelConfig(path=model_kw.pop("path", "tiny-llama"), query_max_length=64, doc_max_length=24, **model_kw)
     emb = Embedder.from_config(cfg, "cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

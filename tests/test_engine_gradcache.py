@@ -301,7 +301,9 @@ def test_batch_validation():
         ContrastiveBatch([], [], [])
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda(test):
+    """A CUDA test: selected by `pytest -m gpu`, skipped without a GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @cuda
@@ -339,3 +341,62 @@ def test_cuda_auto_chunk_budget_keeps_grads_and_rng():
     res = contrastive_step(e, make_batch(), chunk_tokens="auto")
     assert res.chunk_tokens == budget and res.n_chunks == 1
     assert torch.isfinite(take_grads(e)).all()
+
+
+# ------------------------------------------------------------------------------------------------ cache precision
+def test_cache_dtype_auto_is_bf16_only_for_a_bf16_model_on_cuda():
+    from types import SimpleNamespace
+
+    from embforge.engine.gradcache import resolve_cache_dtype
+
+    def fake(device, dtype):
+        return SimpleNamespace(device=torch.device(device), model=SimpleNamespace(dtype=dtype))
+    assert resolve_cache_dtype("auto", fake("cuda", torch.bfloat16)) == torch.bfloat16
+    assert resolve_cache_dtype("auto", fake("cuda", torch.float16)) == torch.bfloat16
+    assert resolve_cache_dtype("auto", fake("cuda", torch.float32)) == torch.float32   # fp32 asked: fp32 kept
+    assert resolve_cache_dtype("auto", fake("cpu", torch.bfloat16)) == torch.float32    # the CPU reference
+    assert resolve_cache_dtype("bfloat16", fake("cpu", torch.float32)) == torch.bfloat16
+    with pytest.raises(ValueError, match="cache_dtype must be"):
+        resolve_cache_dtype("fp8", fake("cuda", torch.bfloat16))
+
+
+def _bf16_vs_fp32_step(e, **kw):
+    """Loss and LoRA gradients of one multi-chunk step with an fp32 cache and with a bf16 one."""
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        torch.manual_seed(1)
+        res = contrastive_step(e, make_batch(), chunk_tokens=24, cache_dtype=dt, **kw)
+        assert res.n_chunks > 2
+        out[dt] = (res.loss, take_grads(e).float())
+    return out
+
+
+def test_bf16_cache_error_with_the_cuda_arithmetic(monkeypatch):
+    """On CPU with the CUDA arithmetic emulated (the loss matmuls in the cache's dtype, bf16 products accumulated in
+    fp32, G' in bf16): a bf16 cache changes the step (so the setting is live) by no more than the tolerance the GPU
+    test holds it to (bench/results/cache_precision_cpu.csv has the loss-level error)."""
+    import embforge.kernels.infonce as K
+    monkeypatch.setattr(K, "_matmul_dtype", lambda x: x.dtype)
+    e = embedder("llama", 0.0)
+    out = _bf16_vs_fp32_step(e)
+    (l32, g32), (l16, g16) = out["float32"], out["bfloat16"]
+    assert 0 < abs(l16 - l32) <= 1e-2 * abs(l32)
+    assert 0 < rel_err(g16, g32) < 3e-2
+
+
+@cuda
+def test_cuda_bf16_cache_keeps_gradcache_within_tolerance():
+    """bf16 model on CUDA: cache_dtype auto picks bf16 (loss matmuls on bf16 tensor cores) and stays within the
+    tolerance of the fp32 cache; fp32 models keep the fp32 cache."""
+    from embforge.engine.gradcache import resolve_cache_dtype
+    e = embedder("llama", 0.0, device="cuda")   # bf16 on CUDA
+    assert resolve_cache_dtype("auto", e) == torch.bfloat16
+    out = _bf16_vs_fp32_step(e)
+    (l32, g32), (l16, g16) = out["float32"], out["bfloat16"]
+    assert abs(l16 - l32) <= 1e-2 * abs(l32)
+    assert 0 < rel_err(g16, g32) < 3e-2
+    torch.manual_seed(1)
+    res = contrastive_step(e, make_batch(), chunk_tokens=24)   # auto == bfloat16: the same step (up to CUDA's
+    g_auto = take_grads(e).float()                             # non-deterministic backward reductions)
+    assert res.loss == pytest.approx(l16, rel=1e-4) and rel_err(g_auto, g16) < rel_err(g_auto, g32)
+    assert resolve_cache_dtype("auto", embedder("llama", 0.0, device="cuda", dtype="float32")) == torch.float32

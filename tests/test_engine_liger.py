@@ -93,6 +93,13 @@ def test_cpu_unsupported_family_and_missing_package_errors(monkeypatch):
         apply_liger(model, CUDA)
 
 
+def probe_loss(emb: torch.Tensor) -> torch.Tensor:
+    """A fixed random projection of the embeddings. Not |emb|^2: the final RMSNorm makes the raw embedding's norm
+    nearly constant, so that loss's gradients are rounding noise and any two paths 'differ' by percents."""
+    w = torch.randn(emb.shape, generator=torch.Generator().manual_seed(1))
+    return (emb.float() * w.to(emb.device)).sum()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="needs CUDA and liger-kernel")
@@ -108,9 +115,15 @@ def test_liger_matches_unpatched_on_gpu(family):
             torch.manual_seed(0)
             e = Embedder.from_config(ModelConfig(path=f"tiny-{family}", dtype="bfloat16", liger=liger,
                                                  lora=LoraConfig(dropout=0.0)), "cuda")
+            g = torch.Generator().manual_seed(0)   # nonzero lora_B (peft starts it at 0): lora_A's gradient counts
+            with torch.no_grad():
+                for n, p in e.model.named_parameters():
+                    if "lora_B" in n:
+                        p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.2)
             seqs = e.tokenize(texts, is_query=False)
             emb = e.embed_chunk(seqs)
-            emb.float().pow(2).sum().backward()
+            probe_loss(emb).backward()
+            assert any(p.grad.norm() > 0 for n, p in e.model.named_parameters() if "lora_A" in n)
             out[liger] = (emb.detach().float(), torch.cat([p.grad.flatten().float()
                                                            for p in e.trainable_parameters()]))
     finally:

@@ -30,7 +30,9 @@ def test_query_template_and_eos_after_truncation(emb):
     tok = emb.tokenizer
     ids = emb.tokenize(["a very long query " * 20], is_query=True, instructions=["Find it"])[0]
     assert len(ids) == 12 and ids[-1] == tok.eos_token_id
-    assert tok.decode(ids[:-1]).startswith("Instruct: Find it\nQuery:")
+    full = tok("Instruct: Find it\nQuery: " + "a very long query " * 20, add_special_tokens=False)["input_ids"]
+    assert ids[:-1] == full[:11]                      # the templated text, truncated, then EOS
+    assert tok.decode(ids[:-1]).startswith("Instruct: Find it")
     long_doc = emb.tokenize(["word " * 100], is_query=False)[0]
     assert len(long_doc) == 20 and long_doc[-1] == tok.eos_token_id   # document limit, not the query one
     doc = emb.tokenize(["short doc"], is_query=False)[0]

@@ -6,12 +6,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import mteb  # noqa: E402  (locked: a missing install must fail, not skip)
-
 from embforge.eval.beir import BeirDataset  # noqa: E402
 from embforge.eval.encoders import HashingEncoder, load_encoder  # noqa: E402
-from embforge.eval.mteb_adapter import MtebEncoder, beir_task, run_mteb  # noqa: E402
 from embforge.eval.retrieval import evaluate_retrieval  # noqa: E402
+
+# mteb (and the adapter, which imports it) are imported inside the tests: locked, so a missing install fails these
+# tests (never a skip), but it cannot stop the collection of every other test (`pytest -m gpu` on the device,
+# which has no mteb).
 
 
 def _subset():
@@ -26,6 +27,7 @@ def _subset():
 
 
 def test_mteb_scores_equal_embforge_scores():
+    from embforge.eval.mteb_adapter import beir_task, run_mteb
     ds = _subset()
     encoder = load_encoder("minilm")
     theirs = run_mteb(encoder, [beir_task(ds, name="ChatterbotSubset")])["ChatterbotSubset"]
@@ -36,6 +38,9 @@ def test_mteb_scores_equal_embforge_scores():
 
 
 def test_adapter_maps_prompt_types_to_instructions():
+    import mteb
+
+    from embforge.eval.mteb_adapter import MtebEncoder, beir_task, run_mteb
     enc = HashingEncoder()
     task = beir_task(_subset(), name="ChatterbotPromptCheck", instruction="Find the reply")
     run_mteb(MtebEncoder(enc), [task])

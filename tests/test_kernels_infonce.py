@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import embforge.kernels.infonce as K
+import embforge.kernels.utils as U   # POISON_BUFFERS lives with the shared allocator
 from embforge.kernels import infonce_loss
 from infonce_reference import reference_total
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(K, "POISON_BUFFERS", True)
+    monkeypatch.setattr(U, "POISON_BUFFERS", True)
 
 
 def default_pos(B, N):
@@ -436,11 +437,12 @@ def compiled_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if hasattr(triton, "knobs"):
         monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
-    for name in ("_infonce_rows_kernel", "_project_rows_kernel"):
-        kernel = getattr(K, name)
+    import embforge.kernels.infonce_terms as KT
+    for module, name in ((K, "_infonce_rows_kernel"), (U, "_project_rows_kernel"), (KT, "_segment_kernel")):
+        kernel = getattr(module, name)
         if isinstance(kernel, InterpretedFunction):
-            monkeypatch.setattr(K, name, JITFunction(kernel.fn))
-        assert isinstance(getattr(K, name), JITFunction)
+            monkeypatch.setattr(module, name, JITFunction(kernel.fn))
+        assert isinstance(getattr(module, name), JITFunction)
 
 
 @pytest.mark.parametrize("features", ["plain", "features"])
@@ -450,7 +452,8 @@ def test_gpu_check_runs_on_cpu(features):
 
 def test_compiled_kernel_swap_is_undone(monkeypatch):
     """The GPU tests' kernel swap constructs on CPU too (nothing compiles until a launch) and is undone after."""
-    before = K._infonce_rows_kernel
+    import embforge.kernels.infonce_terms as KT
+    before = K._infonce_rows_kernel, U._project_rows_kernel, KT._segment_kernel
     with monkeypatch.context() as m:
         compiled_kernels(m)
-    assert K._infonce_rows_kernel is before
+    assert (K._infonce_rows_kernel, U._project_rows_kernel, KT._segment_kernel) == before

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import embforge.kernels.infonce as K
+import embforge.kernels.utils as K   # shared scratch sizing and the NaN-poisoning allocator
 import embforge.kernels.infonce_terms as KT
 from embforge.kernels import infonce_loss
 from infonce_reference import reference_terms_total

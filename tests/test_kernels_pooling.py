@@ -287,6 +287,36 @@ def test_cuda_compiled_kernels(dtype):
         check(out.cpu(), ref_packed(hp.double(), cu), TOL[dtype][0], f"cuda packed B={B} H={H}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and compiled Triton: TRITON_INTERPRET=0 pytest -m gpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cuda_compiled_packed_kernels_backward(dtype, normalize):
+    """The compiled packed kernels, forward AND backward, against the float64 reference: mean_pool_packed's
+    backward spreads each sequence's gradient over its rows (1/length), last_token_pool_packed's reaches only the
+    last row; rows past cu_seqlens[-1] get exactly zero. Shapes loop over H blocks and hold one-token sequences."""
+    g = torch.Generator().manual_seed(11)
+    for B, T, H in ((1, 1, 16), (5, 33, 384), (37, 700, 4096), (9, 1500, 3000)):
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = 1
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+        tail = 3   # filler rows after the last sequence: never pooled
+        hidden = (3 * torch.randn(int(cu[-1]) + tail, H, generator=g)).to(dtype)
+        for fn, ref_fn in ((mean_pool_packed, ref_mean_packed), (last_token_pool_packed, ref_packed)):
+            h = hidden.cuda().requires_grad_()
+            out = fn(h, cu.cuda(), normalize=normalize, backend="triton")
+            up = torch.randn(out.shape, generator=g).to(dtype)
+            out.backward(up.cuda())
+            h64 = hidden[: int(cu[-1])].double().requires_grad_()
+            ref = ref_fn(h64, cu, normalize)
+            ref.backward(up.double())
+            what = f"cuda {fn.__name__} B={B} T={T} H={H} {dtype} normalize={normalize}"
+            check(out.detach().cpu(), ref.detach(), TOL[dtype][0], what)
+            check(h.grad[: int(cu[-1])].cpu(), h64.grad, TOL[dtype][1], what + " grad")
+            assert (h.grad[int(cu[-1]):] == 0).all(), what + " filler rows"
+
+
 def test_zero_vector_is_finite_and_matches_clamped_reference():
     """A pooled row of zeros (or tiny norm) gives x / eps and gradient g / eps, never NaN."""
     hidden = torch.randn(3, 4, 16)

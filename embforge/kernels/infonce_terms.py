@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from embforge.kernels import infonce as base
+from embforge.kernels import utils as base
 
 DIRECTIONS = ("q2d", "q2q", "d2q", "d2d")
 
@@ -259,7 +259,7 @@ def _stats_triton(seg: _Segment, inv_tau: float) -> torch.Tensor:
 
 
 def _grad_triton(seg: _Segment, lse, inv_tau, grad_scale, G) -> torch.Tensor:
-    rowdot = base._empty(seg.S.shape[0], device=seg.S.device, dtype=torch.float32)
+    rowdot = base.empty(seg.S.shape[0], device=seg.S.device, dtype=torch.float32)
     _launch(seg, inv_tau, grad_scale, (lse, rowdot), G)
     return rowdot
 
@@ -267,7 +267,7 @@ def _grad_triton(seg: _Segment, lse, inv_tau, grad_scale, G) -> torch.Tensor:
 def _launch(seg: _Segment, inv_tau, grad_scale, grad, G):
     C, W = seg.S.shape
     dummy = seg.pos
-    lse = base._empty(C, device=seg.S.device, dtype=torch.float32) if grad is None else grad[0].contiguous()
+    lse = base.empty(C, device=seg.S.device, dtype=torch.float32) if grad is None else grad[0].contiguous()
     rowdot = grad[1] if grad is not None else lse
     block_n = min(1024, triton.next_power_of_2(max(W, 16)))
     has_ids = seg.cid is not None
@@ -378,11 +378,11 @@ class _Layout:
 
 def _terms_chunked(q, E, inv_tau: float, L: _Layout, chunk_rows: int, backend: str, want_grad: bool, eps: float):
     stats, grad_fn = (_stats_triton, _grad_triton) if backend == "triton" else (_stats_torch, _grad_torch)
-    project = base._project_triton if backend == "triton" else base._project_torch
+    project = base.project_triton if backend == "triton" else base.project_torch
     if q.dtype == torch.float64:     # the kernel computes in fp32; float64 (gradcheck) takes the torch ops
         stats, grad_fn = _stats_torch, _grad_torch
     B, dev = q.shape[0], q.device
-    mm_dtype, acc = base._matmul_dtype(q), base._acc_dtype(q)
+    mm_dtype, acc = base.matmul_dtype(q), base.acc_dtype(q)
     qm, Em = q.to(mm_dtype), E.to(mm_dtype)
     rq = torch.linalg.vector_norm(q, dim=1, dtype=acc).clamp_min_(eps).reciprocal_()
     rE = torch.linalg.vector_norm(E, dim=1, dtype=acc).clamp_min_(eps).reciprocal_()
@@ -395,20 +395,20 @@ def _terms_chunked(q, E, inv_tau: float, L: _Layout, chunk_rows: int, backend: s
     if L.group_size is not None:
         grp_ar = torch.arange(L.group_size, device=dev)
     if want_grad:
-        g = base._empty(B, q.shape[1], device=dev, dtype=acc)
-        h = base._empty(E.shape[0], E.shape[1], device=dev, dtype=acc)
+        g = base.empty(B, q.shape[1], device=dev, dtype=acc)
+        h = base.empty(E.shape[0], E.shape[1], device=dev, dtype=acc)
         h.zero_()
         rowdot_all = torch.zeros(B, device=dev, dtype=acc)     # segment A's sum_x G s: the dq projection's
         gs_b = torch.zeros((), device=dev, dtype=acc)            # segment B's, for dL/dtau only
-        GA_buf = base._empty(min(chunk_rows, B), EA.shape[0], device=dev, dtype=mm_dtype)
-        GB_buf = base._empty(min(chunk_rows, B), EB.shape[0], device=dev, dtype=mm_dtype) if EB is not None else None
+        GA_buf = base.empty(min(chunk_rows, B), EA.shape[0], device=dev, dtype=mm_dtype)
+        GB_buf = base.empty(min(chunk_rows, B), EB.shape[0], device=dev, dtype=mm_dtype) if EB is not None else None
     for start in range(0, B, chunk_rows):
         sl = slice(start, min(B, start + chunk_rows))
         C = sl.stop - sl.start
         pos = L.pos[sl]
         ids = dict(cid=None, pos_id=None, q_id=None)
         self_c = L.self_col[sl] if L.self_col is not None else none_col[:C]
-        SA = base._mm_f32(qm[sl], EA.t())
+        SA = base.mm_f32(qm[sl], EA.t())
         s_pos = SA.gather(1, pos[:, None])[:, 0] * rq[sl] * rE[pos]
         thr = s_pos + L.margin if L.margin is not None else None
         if L.cid is not None:
@@ -418,7 +418,7 @@ def _terms_chunked(q, E, inv_tau: float, L: _Layout, chunk_rows: int, backend: s
         segs = [segA]
         if EB is not None:
             P_c = Em.index_select(0, pos)
-            SB = base._mm_f32(P_c, EB.t())
+            SB = base.mm_f32(P_c, EB.t())
             if L.cid is not None:
                 ids = dict(cid=L.cid[L.b_range[0]: L.b_range[1]], pos_id=L.pos_id[sl], q_id=L.q_id[sl])
             # the anchor d_p(i) is excluded from d2d and query i from d2q (columns outside the slice match nothing)
@@ -444,17 +444,17 @@ def _terms_chunked(q, E, inv_tau: float, L: _Layout, chunk_rows: int, backend: s
             # the distillation's dL/ds on the group's entries (G' holds G / |e_x|)
             GA.scatter_add_(1, grp_cols, (g_grp * rE[grp_cols]).to(GA.dtype))
             rowdot = rowdot + (g_grp * s_grp).sum(1)
-        g[sl] = base._mm_f32(GA, EA)
+        g[sl] = base.mm_f32(GA, EA)
         u_c = (qm[sl] * rq[sl, None]).to(mm_dtype)
-        base._accumulate_f32_(h[: L.a_width], GA.t(), u_c, first=False)
+        base.accumulate_f32_(h[: L.a_width], GA.t(), u_c, first=False)
         rowdot_all[sl] = rowdot
         if EB is not None:
             GB = GB_buf[:C]
             gs_b += grad_fn(segs[1], lse, inv_tau, grad_scale, GB).sum()
             vp_c = (P_c * rE[pos][:, None]).to(mm_dtype)
-            base._accumulate_f32_(h[L.b_range[0]: L.b_range[1]], GB.t(), vp_c, first=False)
+            base.accumulate_f32_(h[L.b_range[0]: L.b_range[1]], GB.t(), vp_c, first=False)
             # the anchor's own gradient: dL/dv_p(i) = sum_x G_B[i,x] e^_x, to row p(i) of E
-            h.index_add_(0, pos, base._mm_f32(GB, EB) * rE[pos][:, None])
+            h.index_add_(0, pos, base.mm_f32(GB, EB) * rE[pos][:, None])
     if not want_grad:
         return loss, None, None, None
     dq = project(g, q, rq, rowdot_all)
@@ -501,7 +501,7 @@ def terms_loss(q, d, tau_t, opts: Options, *, pos, q_id, cid, tower_queries, tow
         tq, tq_id = q, q_id
         if tower_queries is not None:
             tq = tower_queries
-            tq_id = base._ids(tower_query_ids, tq.shape[0], "tower_query_ids", dev)
+            tq_id = base.ids(tower_query_ids, tq.shape[0], "tower_query_ids", dev)
         T = tq.shape[0]
         E = torch.cat([d, tq.to(d.dtype)], dim=0)
         self_col = torch.arange(B, device=dev, dtype=torch.int64) + N + query_offset

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from embforge.kernels.infonce import resolve_backend
+from embforge.kernels.utils import resolve_backend
 
 # Tests set this to fill every output buffer with NaN on allocation, proving the kernels write all they return.
 POISON_BUFFERS = False
