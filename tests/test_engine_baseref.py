@@ -27,7 +27,7 @@ def test_base_reference_forms(tmp_path):
     assert locate_base("./base", model) == str(inside.resolve())
     # what older versions stored: the resolved asset location of a shorthand, now gone -> the shorthand
     assert locate_base("/gone/cache/smollm2-135m-instruct", model) == "smollm2"
-    assert locate_base("/gone/cache/tiny-mistral-h64-l2-s0", model) == "tiny-mistral"
+    assert locate_base("/gone/cache/tiny-mistral-h64-l2-s0", model) == "/gone/cache/tiny-mistral-h64-l2-s0"
     assert locate_base("org/some-model", model) == "org/some-model"
 
 
@@ -43,7 +43,7 @@ def test_copied_model_folder_encodes_with_the_cache_elsewhere(tmp_path, monkeypa
         "eval: {before_training: false}\nsteps: 1\ncheckpoint_every: 0\noutput_dir: run\ndevice: cpu\n")
     assert main(["train", "--config", "c.yaml"]) == 0
     meta = json.loads((tmp_path / "run" / "final" / "embforge_config.json").read_text())
-    assert meta["model"]["path"] == "tiny-llama"           # not <cache-a>/tiny-llama-h64-l2-s0
+    assert meta["model"]["path"] == "tiny-llama"           # not <cache-a>/tiny-llama-h64-l2-s0-t...
     texts = ["a first text", "and a second one"]
     assert main(["encode", "--model", "run/final", "--out", "here.npy", *texts]) == 0
 

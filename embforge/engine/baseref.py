@@ -5,13 +5,10 @@ location of a shorthand's cached asset, which is only valid on the machine that 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from embforge.engine.assets import SMOLLM2_NAME, TINY_FAMILIES
+from embforge.engine.assets import SMOLLM2_NAME
 from embforge.engine.checks import check_model_path
-
-_LEGACY_TINY = re.compile(rf"^tiny-({'|'.join(TINY_FAMILIES)})-h64-l2-s0$")
 
 
 def base_reference(path: str, model_dir: str | Path) -> str:
@@ -26,13 +23,12 @@ def base_reference(path: str, model_dir: str | Path) -> str:
 
 def locate_base(stored: str, model_dir: str | Path) -> str:
     """The base a saved folder names, as a loadable model.path: relative paths are taken from the model folder;
-    a resolved asset location from an older embforge that no longer exists becomes its shorthand again."""
+    SmolLM2's resolved asset location from an older embforge that no longer exists becomes `smollm2` again (the same
+    weights, rebuilt from the same gguf). Old tiny test decoders are not mapped back: their tokenizer changed, so the
+    shorthand now builds a different model."""
     if stored.startswith(("./", "../")):
         return str((Path(model_dir) / stored).resolve())
     if os.path.isabs(stored) and not os.path.isdir(stored):
-        name = Path(stored).name
-        if name == SMOLLM2_NAME:
+        if Path(stored).name == SMOLLM2_NAME:
             return "smollm2"
-        if _LEGACY_TINY.match(name):
-            return name[: -len("-h64-l2-s0")]
     return stored
