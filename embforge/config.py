@@ -113,6 +113,8 @@ def build_dataclass(cls: type[T], data: dict, prefix: str = "") -> T:
             if not prefix:
                 raise
             raise ConfigError(f"{prefix}{e}") from None
+        except ValueError as e:     # a value out of range (engine validate()s): the message names its full key
+            raise ConfigError(str(e)) from None
     return obj
 
 

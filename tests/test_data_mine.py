@@ -250,3 +250,28 @@ def test_cli_mines_each_dataset_against_its_own_texts(tmp_path):
     assert main(["mine", "--data", str(src / "cooking.jsonl"), str(tmp_path / "other" / "cooking.jsonl"),
                  "--out", str(out), *args]) == 2
     assert main(["mine", "--data", str(src), "--out", str(both), *args]) == 2
+
+
+def test_short_records_keep_their_own_negatives_or_fail(tmp_path, capsys):
+    """A 3-text corpus cannot fill ranks 10-100: replace mode used to write 0 negatives and exit 0, deleting the
+    records' own. Default now keeps them (after any mined ones); --on-short fail exits 1 and writes nothing."""
+    from embforge.cli import main
+    recs = [{"query": f"q{i}", "positive": t, "negatives": [f"own negative {i}", "shared own negative"]}
+            for i, t in enumerate(["alpha beta", "gamma delta", "epsilon zeta"])]
+    data, out = tmp_path / "d.jsonl", tmp_path / "o.jsonl"
+    _write(data, recs)
+    before = data.read_bytes()
+    assert main(["mine", "--data", str(data), "--out", str(out), "--model", "hashing", "--on-short", "fail"]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}:1: 0 negative(s) mined, 7 asked (3 of 3 records short" in err and "Traceback" not in err
+    assert not out.exists() and data.read_bytes() == before
+    assert main(["mine", "--data", str(data), "--out", str(data), "--model", "hashing"]) == 0   # default: keep
+    got = [json.loads(line)["negatives"] for line in data.read_text().splitlines()]
+    assert got == [r["negatives"] for r in recs]
+    assert "kept their own negatives (too few mined): 3" in capsys.readouterr().err
+    # enough candidates: replace mode still replaces (the record's own negatives are not what was asked)
+    table = {"alpha beta": 0.9, "gamma delta": 0.5, "epsilon zeta": 0.1, "own negative 0": 0.2, "own negative 1": 0.2,
+             "own negative 2": 0.2, "shared own negative": 0.2, "q0": 1.0, "q1": 1.0, "q2": 1.0}
+    mine(data, out, FakeEncoder(table), progress=False, cfg=MineConfig(rank_start=1, rank_end=10, negatives=1,
+                                                                      margin=100.0))
+    assert [len(json.loads(line)["negatives"]) for line in out.read_text().splitlines()] == [1, 1, 1]

@@ -316,18 +316,22 @@ def test_two_dataset_training_run_is_homogeneous_applies_settings_and_resumes_ex
     assert [r["dataset"] for r in lines] == chosen
 
 
-def test_in_batch_negatives_off_is_refused_while_the_step_lacks_it(tmp_path):
-    import inspect
-
+def test_in_batch_negatives_off_reaches_the_step_for_its_dataset_only(tmp_path, monkeypatch):
+    """A dataset with in_batch_negatives: false trains with each query limited to its own group; the other dataset's
+    batches keep in-batch negatives."""
+    import embforge.engine.train as engine_train
     from embforge.cli.train import run_training
-    from embforge.engine.gradcache import contrastive_step
-    if "in_batch_negatives" in inspect.signature(contrastive_step).parameters:
-        pytest.skip("contrastive_step supports in_batch_negatives: the loss tests cover it")
-    cfg = _train_cfg(tmp_path, tmp_path / "r", 1)
+    seen = []
+    real_step = engine_train.contrastive_step
+
+    def spy(embedder, batch, **kw):
+        seen.append((batch.dataset, batch.in_batch_negatives))
+        return real_step(embedder, batch, **kw)
+    monkeypatch.setattr(engine_train, "contrastive_step", spy)
+    cfg = _train_cfg(tmp_path, tmp_path / "r", 4, dropout=0.0, seed=5)     # seed 5 draws alpha, beta, beta, alpha
     cfg.data.train[1].in_batch_negatives = False
-    with pytest.raises(ConfigError, match=r"^data.train\[1\].in_batch_negatives: false is not supported by this "):
-        run_training(cfg, progress=False)
-    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    run_training(cfg, progress=False)
+    assert seen == [("alpha", True), ("beta", False), ("beta", False), ("alpha", True)]
 
 
 @pytest.mark.slow

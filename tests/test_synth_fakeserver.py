@@ -6,7 +6,8 @@ endpoints of the Batch API, and injects faults from a script: {request number: f
 Faults: "429" (with Retry-After), "500", "stall" (sleep past the client timeout), "malformed" (HTTP 200 with
 a non-JSON body), "badjson" (content is not JSON), "length" (truncated, finish_reason=length), "refusal",
 "wrapped" (valid JSON inside prose and a code fence), "duplicate" (repeat the previous example of the same
-shape verbatim), "nearduplicate" (the same plus one character), "drop" (batch only: the line never runs).
+shape verbatim), "nearduplicate" (the same plus one character), "drop" (batch only: the line never runs), or a
+function (payload, prompt) -> the payload to send instead (junk content in well-formed JSON).
 """
 from __future__ import annotations
 
@@ -74,8 +75,18 @@ class FakeLLM:
         keys = list((schema or {}).get("required") or re.findall(r'^- "(\w+)"', prompt, re.M))
         m = re.search(r"at least (\d+) words", prompt)
         long_n = int(m.group(1)) + 5 if m else 40
-        return {k: self._words(long_n if m and k in ("input", "positive_document") else self.rng.randint(8, 30))
-                for k in keys}
+        # the lengths the prompt asks for ("about 200 words", "at least 50 words long"): validation rejects far less
+        about = re.search(r"about (\d+) words", prompt)
+        classify = re.search(r"text to classify, (?:at least )?(\d+) words", prompt)
+        sized = {"positive_document": about, "hard_negative_document": about, "input_text": classify}
+
+        def n_words(k):
+            if sized.get(k) is not None:
+                return int(sized[k].group(1))
+            if m and k in ("input", "positive_document"):
+                return long_n
+            return self.rng.randint(8, 30)
+        return {k: self._words(n_words(k)) for k in keys}
 
     def _chat(self, body: dict, fault: str | None) -> tuple[int, dict | str, dict]:
         prompt = body["messages"][-1]["content"]
@@ -92,6 +103,8 @@ class FakeLLM:
             return 200, '{"id": "x", "choices": [ {"mess', {}
         schema = rf.get("schema") or (rf.get("json_schema") or {}).get("schema")
         payload = self._payload(prompt, schema)
+        if callable(fault):   # a junk answer: fault(payload, prompt) -> the payload sent instead
+            payload = fault(payload, prompt)
         content = json.dumps(payload, ensure_ascii=False)
         finish, refusal = "stop", None
         shape = tuple(sorted(payload))

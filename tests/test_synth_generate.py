@@ -250,3 +250,57 @@ def test_generated_file_feeds_the_trainer_reader_unchanged(tmp_path):
         assert (ex.instruction, ex.query, ex.positive, list(ex.negatives)) == \
             (rec["instruction"], rec["query"], rec["positive"], rec["negatives"])
         assert ex.task_type == rec["task_type"] and ex.language == rec["language"]
+
+
+def test_junk_fields_are_rejected_by_reason_in_report_bar_and_summary(tmp_path, capsys):
+    """Well-formed JSON with junk in it: an ellipsis, the instruction repeated as the query, digits where a
+    language was asked, a 3-word document for an "about N words" (N >= 50) spec. Each is rejected with its reason;
+    the progress bar's ok / rejected counts equal the report's; the last line names the report's path."""
+    import json
+    import re
+    tasks = [f"Find {w} facts about harbors" for w in ("alpha", "bravo", "cedar", "delta", "ember", "fjord")]
+    junk = {
+        tasks[0]: lambda p, pr: {**p, "user_query": "..."},
+        tasks[1]: lambda p, pr: {**p, "user_query": tasks[1]},
+        tasks[2]: lambda p, pr: {**p, "positive_document": "1.548879333365274"},
+        tasks[3]: lambda p, pr: {**p, "positive_document": "a short answer"},
+        tasks[4]: lambda p, pr: {**p, "hard_negative_document": "<document>"},
+    }
+
+    def faults(n, prompt):
+        if "Think up" in prompt:
+            return lambda p, pr: {"tasks": tasks[:len(p["tasks"])]}
+        return next((f for t, f in junk.items() if t in prompt), None)
+
+    out = tmp_path / "data.jsonl"
+    with FakeLLM(faults) as fake:
+        rc = embforge_main(["synth", "generate", "--base-url", fake.base_url, "--model", "gpt-4o-mini",
+                            "--out", str(out), "--task-types", "short-long", "--tasks-per-type", "6",
+                            "--examples-per-task", "1", "--concurrency", "1", "--set", "backoff_base=0.02",
+                            "--set", "backoff_max=0.1", "--set", "languages={English: 1.0}"])
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "data.report.json").read_text())
+    assert rc == 0, err
+    assert report["example_outcomes"] == {"accepted:ok": 1, "rejected:placeholder:query": 1,
+                                          "rejected:instruction_is_query": 1, "rejected:no_letters:positive": 1,
+                                          "rejected:too_short_for_spec:positive": 1,
+                                          "rejected:placeholder:negatives": 1}
+    assert [r["instruction"] for r in records(tmp_path)] == [tasks[5]]
+    bars = re.findall(r"ok=(\d+), rejected=(\d+)", err)
+    assert bars and tuple(map(int, bars[-1])) == (1, 5)            # the example phase's final state
+    assert "rejected by reason:" in err and "instruction_is_query 1" in err
+    assert err.strip().splitlines()[-1] == f"[synth] report: {tmp_path / 'data.report.json'}"
+
+
+def test_argument_errors_come_before_any_local_server(tmp_path, capsys, monkeypatch):
+    import embforge.synth.local as local
+
+    def no_server(*a, **k):
+        raise AssertionError("the local server was started")
+    monkeypatch.setattr(local, "LlamaServer", no_server)
+    assert embforge_main(["synth", "generate", "--local", "--tasks-per-type", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["embforge synth: error: out: required (--out)"]
+    assert embforge_main(["synth", "relabel", "--local", "--input", str(tmp_path / "none.jsonl"),
+                          "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "none.jsonl not found" in capsys.readouterr().err

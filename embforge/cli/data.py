@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from embforge.cli import one_line
 from embforge.cli.cached import cache_flags, report_cache, with_cache
 from embforge.data.mine import MineConfig
 
@@ -24,6 +25,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--margin", type=float, default=d.margin, help="drop candidates >= MARGIN x positive score")
     m.add_argument("--near-dup", type=float, default=d.near_dup, help="word Jaccard that counts as a duplicate")
     m.add_argument("--mode", choices=("replace", "append"), default=d.mode)
+    m.add_argument("--on-short", choices=("keep", "fail"), default=d.on_short,
+                   help="a record that gets fewer mined negatives than --negatives: keep its own negatives after "
+                        "the mined ones (default), or fail (exit 1, nothing written)")
     m.add_argument("--shard-size", type=int, default=d.shard_size, help="queries per resumable shard")
     m.add_argument("--batch-size", type=int, default=d.batch_size)
     m.add_argument("--scores", action="store_true",
@@ -63,13 +67,13 @@ def _truncate(encoder, n: int):
 
 
 def cmd_mine(args) -> int:
-    from embforge.data.mine import format_report, mine
+    from embforge.data.mine import ShortError, format_report, mine
     from embforge.eval.encoders import load_encoder
     try:
         start, _, end = args.ranks.partition("-")
         cfg = MineConfig(rank_start=int(start), rank_end=int(end or start), negatives=args.negatives,
-                         margin=args.margin, near_dup=args.near_dup, mode=args.mode, shard_size=args.shard_size,
-                         batch_size=args.batch_size, scores=args.scores)
+                         margin=args.margin, near_dup=args.near_dup, mode=args.mode, on_short=args.on_short,
+                         shard_size=args.shard_size, batch_size=args.batch_size, scores=args.scores)
         cfg.validate()
         jobs = _mine_jobs(args.data, args.out)
         encoder = load_encoder(args.model)
@@ -81,8 +85,11 @@ def cmd_mine(args) -> int:
             report = mine(data, out, encoder, corpus=args.corpus, cfg=cfg, model_name=args.model)
             print((f"{data} -> {out}: " if len(jobs) > 1 else "") + format_report(report), file=sys.stderr)
         report_cache(encoder)
+    except ShortError as e:
+        print(f"embforge mine: error: {one_line(e)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
-        print(f"embforge mine: error: {e}", file=sys.stderr)
+        print(f"embforge mine: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

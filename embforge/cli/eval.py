@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from embforge.cli import one_line
 from embforge.cli.cached import cache_flags, report_cache, with_cache
 
 HELP = {
@@ -18,13 +19,14 @@ HELP = {
 }
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser,
+            instruction_help: str = "query instruction (E5 template applied to queries only)") -> None:
     p.add_argument("--model", required=True,
                    help="embforge checkpoint or sentence-transformers folder ('minilm' = bundled all-MiniLM-L6-v2)")
     p.add_argument("--out", type=Path, help="write result records (JSON list) here")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
-    p.add_argument("--instruction", default=None, help="query instruction (E5 template applied to queries only)")
+    p.add_argument("--instruction", default=None, help=instruction_help)
     p.add_argument("--task", default=None, help="take the instruction from the E5 table for this MTEB task name")
     cache_flags(p)
 
@@ -48,7 +50,7 @@ def add_parser(subparsers) -> None:
     r.set_defaults(func=run_retrieval)
 
     s = sub.add_parser("sts", help=HELP["sts"])
-    _common(s)
+    _common(s, "instruction applied to BOTH sentences of every pair (E5 template; STS is symmetric)")
     s.add_argument("--data", required=True, type=Path)
     s.set_defaults(func=run_sts)
 
@@ -98,10 +100,9 @@ def _clean_errors(func):
 
         try:
             return func(args)
-        except (BeirFormatError, StsFormatError, DataError, ConfigError, FileNotFoundError, KeyError) as e:
-            msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else \
-                (e.args[0] if e.args else e)
-            print(f"embforge eval: error: {msg}", file=sys.stderr)
+        except (BeirFormatError, StsFormatError, DataError, ConfigError, FileNotFoundError, KeyError,
+                ValueError) as e:
+            print(f"embforge eval: error: {one_line(e)}", file=sys.stderr)
             return 2
     return wrapper
 

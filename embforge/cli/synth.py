@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from embforge.cli import one_line
 
 # Exit status. Scripts must be able to tell "done" from "stopped early": a run that leaves work behind never
 # exits 0. Documented in docs/synth.md and in each subcommand's --help.
@@ -102,8 +105,8 @@ COMMON = {"base_url": "base_url", "model": "model", "api_key_env": "api_key_env"
           "budget_usd": "budget_usd", "structured_output": "structured_output", "request_timeout": "request_timeout"}
 
 
-def _fail(msg: str, code: int) -> int:
-    print(f"embforge synth: error: {msg}", file=sys.stderr)
+def _fail(msg, code: int) -> int:
+    print(f"embforge synth: error: {one_line(msg) if isinstance(msg, BaseException) else msg}", file=sys.stderr)
     return code
 
 
@@ -129,6 +132,7 @@ def cmd_generate(args) -> int:
             cfg.batch.enabled = True
         if args.no_progress:
             cfg.progress = False
+        _check_args(cfg, ("out", "model") if not args.local else ("out",))
         if args.local:
             local_preset(cfg)
             with LlamaServer(cfg.local.model_path or None, n_ctx=cfg.local.n_ctx, port=cfg.local.port,
@@ -138,21 +142,42 @@ def cmd_generate(args) -> int:
         else:
             report = run_generate(cfg)
     except (ConfigError, BudgetError, StoreError, TemplateError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(e, EXIT_USAGE)
     except (FatalAPIError, LocalServerError) as e:
-        return _fail(str(e), EXIT_ERROR)
+        return _fail(e, EXIT_ERROR)
     except TimeoutError as e:  # a Batch API job still running past batch.max_wait: the report says what is left
-        return _fail(str(e), EXIT_INCOMPLETE)
-    _print_summary(report)
+        return _fail(e, EXIT_INCOMPLETE)
+    from embforge.synth.generate import sidecar
+    _print_summary(report, sidecar(cfg.out, ".report.json"))
     return exit_code(report)
 
 
-def _print_summary(report: dict) -> None:
+def _check_args(cfg, required: tuple[str, ...], files: tuple[str, ...] = ()) -> None:
+    """Argument errors before anything starts (a --local server takes a while to come up, then would only stop)."""
+    for key in required:
+        if not getattr(cfg, key, None):
+            raise ValueError(f"{key}: required (--{key.replace('_', '-')})")
+    for key in files:
+        value = getattr(cfg, key, None)
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(f"{key}: {value} not found")
+
+
+def _print_summary(report: dict, report_path) -> None:
+    """Counts by outcome (rejections by reason, as in the report), then the report's path on the last line."""
     cost = report.get("cost", {})
+    outcomes = report.get("example_outcomes", {})
+    rejected = {k: v for k, v in outcomes.items() if not k.startswith("accepted")}   # "status:reason" keys
     print(f"[synth] {report.get('stop_reason')}: accepted {sum(report.get('examples_accepted', {}).values())} "
-          f"example(s); cost ${cost.get('total_usd', 0):.4f}; report: see *.report.json", file=sys.stderr)
+          f"example(s), rejected or failed {sum(rejected.values())}; cost ${cost.get('total_usd', 0):.4f}",
+          file=sys.stderr)
+    if rejected:
+        print("[synth] rejected by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(rejected.items(),
+                                                                                  key=lambda kv: -kv[1])),
+              file=sys.stderr)
     if report.get("fatal_error"):
         print(f"[synth] stopped by: {report['fatal_error']}", file=sys.stderr)
+    print(f"[synth] report: {report_path}", file=sys.stderr)
 
 
 def cmd_relabel(args) -> int:
@@ -173,6 +198,7 @@ def cmd_relabel(args) -> int:
             cfg.validate()
         if args.no_progress:
             cfg.progress = False
+        _check_args(cfg, ("input", "out"), files=("input", "corpus"))
         if args.local:
             local_preset(cfg)
             with LlamaServer(n_ctx=2048) as base_url:
@@ -181,12 +207,14 @@ def cmd_relabel(args) -> int:
         else:
             report = run_relabel(cfg, load_encoder=load_encoder)
     except (ConfigError, BudgetError, StoreError, FileNotFoundError, ValueError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return _fail(e, EXIT_USAGE)
     except (FatalAPIError, LocalServerError) as e:
-        return _fail(str(e), EXIT_ERROR)
+        return _fail(e, EXIT_ERROR)
     print(f"[synth] relabel {report.get('stop_reason')}: wrote {report.get('records_written')} record(s), "
           f"{report.get('records_pending')} pending; positive changed for {report.get('positive_changed')}; "
           f"cost ${report['cost']['total_usd']:.4f}", file=sys.stderr)
     if report.get("fatal_error"):
         print(f"[synth] stopped by: {report['fatal_error']}", file=sys.stderr)
+    from embforge.synth.generate import sidecar
+    print(f"[synth] report: {sidecar(cfg.out, '.report.json')}", file=sys.stderr)
     return exit_code(report)

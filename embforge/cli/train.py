@@ -5,21 +5,41 @@ import json
 import sys
 from pathlib import Path
 
+from embforge.cli import one_line
 
-def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """`embforge train` as a function: the TrainConfig's datasets (embforge/data: the multi-dataset sampler) as the
-    batch source, retrieval on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train.
-    Returns train's result."""
+
+def check_inputs(cfg):
+    """Everything a run reads, checked before any model loads: every line of every training dataset (the
+    multi-dataset sampler, embforge/data), the evaluation data, the model's files (config only). Returns the batch
+    source. Errors name file:line or the config key."""
     from embforge.data.batches import ExampleBatches
-    from embforge.engine.train import train
+    from embforge.engine.modelfiles import check_model_files
 
     batches = ExampleBatches(cfg.data.train, queries=cfg.batch.queries, negatives=cfg.batch.negatives, seed=cfg.seed,
                              sampling=cfg.batch.sampling, skip_bad_lines=cfg.data.skip_bad_lines)
-    _check_step_supports(batches.datasets)
     if cfg.loss.distill_weight > 0 and not batches.scored:
         from embforge.config import ConfigError
         raise ConfigError(f"loss.distill_weight: {cfg.loss.distill_weight} > 0 but no record of data.train carries "
                           "teacher 'scores' (write them with `embforge synth relabel` or `embforge mine --scores`)")
+    if cfg.eval.data and cfg.eval.data != "chatterbot":
+        from embforge.eval.beir import load_beir
+        if not Path(cfg.eval.data).is_dir():
+            raise ValueError(f"eval.data: {cfg.eval.data} is neither 'chatterbot' nor a BEIR folder")
+        load_beir(cfg.eval.data)
+    check_model_files(cfg.model.path)
+    return batches
+
+
+def run_training(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 stop_after: int | None = None) -> dict:
+    """`embforge train` as a function: the TrainConfig's datasets (embforge/data: the multi-dataset sampler) as the
+    batch source, retrieval on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train.
+    Returns train's result. An output_dir that holds a run needs resume (continue) or overwrite (start over)."""
+    from embforge.engine.rundir import check_output_dir
+    from embforge.engine.train import train
+
+    check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)   # read only; train() removes on overwrite
+    batches = check_inputs(cfg)
     evaluate = None
     if cfg.eval.data:
         from embforge.eval.training import evaluate as evaluate_retrieval
@@ -27,20 +47,23 @@ def run_training(cfg, *, resume: bool = False, progress: bool = True, stop_after
         def evaluate(embedder, step: int) -> dict:
             return evaluate_retrieval(embedder, cfg.eval.data, cfg.output_dir, step, instruction=cfg.eval.instruction,
                                       max_queries=cfg.eval.max_queries)
-    return train(cfg, batches, evaluate=evaluate, resume=resume, progress=progress, stop_after=stop_after)
+    return train(cfg, batches, evaluate=evaluate, resume=resume, overwrite=overwrite, progress=progress,
+                 stop_after=stop_after)
 
 
-def _check_step_supports(datasets) -> None:
-    """Refuse, before any model loads, a dataset setting the GradCache step cannot honour."""
-    import inspect
+def dry_run(cfg, *, resume: bool = False, overwrite: bool = False) -> str:
+    """`embforge train --dry-run`: the checks of a run (config, every data line, evaluation data, model config and
+    tokenizer, output_dir) without loading weights; returns the plan as text."""
+    from embforge.data.plan import format_plan, training_plan
+    from embforge.engine.modelfiles import load_model_files
+    from embforge.engine.rundir import check_output_dir
 
-    from embforge.config import ConfigError
-    from embforge.engine.gradcache import contrastive_step
-
-    off = [d.key for d in datasets if not d.in_batch_negatives]
-    if off and "in_batch_negatives" not in inspect.signature(contrastive_step).parameters:
-        raise ConfigError(f"{off[0]}.in_batch_negatives: false is not supported by this build: the GradCache step "
-                          "(engine/gradcache.contrastive_step) has no in_batch_negatives option yet")
+    check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    batches = check_inputs(cfg)
+    hf_config, tokenizer = load_model_files(cfg.model.path)
+    model = (f"{cfg.model.path} ({hf_config.model_type}, {hf_config.num_hidden_layers} layers, hidden "
+             f"{hf_config.hidden_size})")
+    return format_plan(training_plan(cfg, batches, tokenizer), model)
 
 
 def add_parser(subparsers) -> None:
@@ -48,6 +71,11 @@ def add_parser(subparsers) -> None:
     t.add_argument("--config", required=True, help="YAML mapped onto TrainConfig (see configs/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds an earlier run: remove it (before anything new is written) and start over")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the config, every data line and the model's config/tokenizer (no weights), print "
+                        "the plan (datasets, examples, steps per epoch, tokens and chunks per step) and exit")
     t.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed training lines")
     t.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes of this node: runs `torchrun --standalone --nproc_per_node=N -m "
@@ -61,7 +89,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--instruction", help="embed as queries with this task instruction")
     e.add_argument("--batch-size", type=int, default=32)
     where = e.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", help=".pt (tensor) or .jsonl (one embedding per line)")
+    where.add_argument("--out", help=".npy (numpy.load reads it), .pt (torch.load: a tensor) or .jsonl (one JSON list "
+                                     "of floats per line, in input order)")
     where.add_argument("--out-dir", help="a corpus: shards + manifest.json, resumable (rerun the same command after "
                                          "an interruption; finished shards are kept)")
     e.add_argument("--shard-size", type=int, default=4096, help="with --out-dir: texts per shard")
@@ -99,10 +128,14 @@ def cmd_train(args) -> int:
             if launched_by_torchrun():
                 raise ValueError("--nproc inside torchrun: drop one of them")
             check_launch(cfg, args.nproc)        # refuse before starting N processes
-            return _run_torchrun(args)
-        result = run_training(cfg, resume=args.resume)
+            if not args.dry_run:
+                return _run_torchrun(args)
+        if args.dry_run:
+            print(dry_run(cfg, resume=args.resume, overwrite=args.overwrite))
+            return 0
+        result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"embforge train: error: {e}", file=sys.stderr)
+        print(f"embforge train: error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         _leave_process_group()
@@ -120,7 +153,7 @@ def _run_torchrun(args) -> int:
            "-m", "embforge", "train", "--config", args.config]
     for item in args.set:
         cmd += ["--set", item]
-    cmd += ["--resume"] * args.resume + ["--skip-bad-lines"] * args.skip_bad_lines
+    cmd += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite + ["--skip-bad-lines"] * args.skip_bad_lines
     print(f"embforge train: {' '.join(cmd[2:])}", file=sys.stderr)
     return subprocess.call(cmd)
 
@@ -152,12 +185,17 @@ def _read_texts(args, ids: list | None = None) -> list[str]:
     return texts
 
 
+ENCODE_FORMATS = (".npy", ".pt", ".jsonl")
+
+
 def cmd_encode(args) -> int:
     import torch
 
     from embforge.engine import Embedder
     from embforge.engine.corpus import encode_corpus
     try:
+        if args.out and not args.out.endswith(ENCODE_FORMATS):
+            raise ValueError(f"--out {args.out}: give a file ending in {', '.join(ENCODE_FORMATS)}")
         ids = [] if args.out_dir else None
         texts = _read_texts(args, ids)
         emb = Embedder.from_pretrained(args.model)
@@ -168,13 +206,15 @@ def cmd_encode(args) -> int:
                   f"({done['encoded_now']} encoded now, the rest kept from before)", file=sys.stderr)
             return 0
     except (ValueError, FileNotFoundError) as e:   # CorpusError is a ValueError
-        print(f"embforge encode: error: {e}", file=sys.stderr)
+        print(f"embforge encode: error: {one_line(e)}", file=sys.stderr)
         return 2
     vecs = emb.encode(texts, instruction=args.instruction, batch_size=args.batch_size, progress=True)
     if args.out.endswith(".jsonl"):
         with open(args.out, "w") as f:
-            for t, v in zip(texts, vecs.tolist()):
-                f.write(json.dumps({"text": t, "embedding": v}) + "\n")
+            f.writelines(json.dumps(v) + "\n" for v in vecs.tolist())
+    elif args.out.endswith(".npy"):
+        import numpy as np
+        np.save(args.out, vecs.numpy())
     else:
         torch.save(vecs, args.out)
     print(f"wrote {len(texts)} embeddings of dim {vecs.shape[1]} to {args.out}", file=sys.stderr)
@@ -187,7 +227,7 @@ def cmd_export(args) -> int:
         written = export(args.model, args.out, merge=args.merge, sentence_transformers=args.sentence_transformers,
                          instruction=args.instruction or DEFAULT_EXPORT_INSTRUCTION, dtype=args.dtype)
     except (ExportError, FileNotFoundError, ValueError) as e:
-        print(f"embforge export: error: {e}", file=sys.stderr)
+        print(f"embforge export: error: {one_line(e)}", file=sys.stderr)
         return 2
     for kind, path in written.items():
         print(f"exported {kind}: {path}", file=sys.stderr)

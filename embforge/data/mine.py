@@ -51,6 +51,10 @@ class MineConfig:
     margin: float = 0.95         # drop candidates scoring >= margin * positive score
     near_dup: float = 0.9        # drop candidates whose word-set Jaccard with the positive is >= this
     mode: str = "replace"        # replace | append (keep the record's own negatives first)
+    # A record left with fewer mined negatives than asked: "keep" its own negatives (after the mined ones; never
+    # fewer than it had), or "fail" (nothing written, exit non-zero). Replacing a record's negatives with fewer
+    # mined ones would silently delete data the user had.
+    on_short: str = "keep"
     shard_size: int = 2048       # queries per resumable shard
     corpus_shard: int = 8192     # documents per cached corpus-embedding shard
     batch_size: int = 32
@@ -67,6 +71,8 @@ class MineConfig:
             raise ValueError(f"near_dup must lie in (0, 1], got {self.near_dup}")
         if self.mode not in ("replace", "append"):
             raise ValueError(f"mode must be replace or append, got {self.mode!r}")
+        if self.on_short not in ("keep", "fail"):
+            raise ValueError(f"on_short must be keep or fail, got {self.on_short!r}")
         for name in ("shard_size", "corpus_shard", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -173,8 +179,16 @@ def _doc_embeddings(encoder, texts: list[str], row_of: dict[str, int], corpus_fi
     return out
 
 
+def _kept_own(rec: dict, mined: list[str], cfg: MineConfig) -> bool:
+    """Replace mode found fewer negatives than asked: the record keeps its own after the mined ones (on_short keep;
+    on_short fail stops before anything is written)."""
+    return cfg.mode == "replace" and len(mined) < cfg.negatives and bool(rec["negatives"])
+
+
 def _final_negatives(rec: dict, mined: list[str], cfg: MineConfig) -> list[str]:
-    return mined if cfg.mode == "replace" else list(dict.fromkeys([*rec["negatives"], *mined]))
+    if cfg.mode != "replace":
+        return list(dict.fromkeys([*rec["negatives"], *mined]))
+    return list(dict.fromkeys([*mined, *rec["negatives"]])) if _kept_own(rec, mined, cfg) else mined
 
 
 def _teacher_scores(encoder, q: torch.Tensor, recs: list[dict], negs: list[list[str]], row_of, corpus_files,
@@ -192,7 +206,8 @@ def _teacher_scores(encoder, q: torch.Tensor, recs: list[dict], negs: list[list[
 
 def _fingerprint(data: Path, corpus: str | None, model: str, cfg: MineConfig) -> str:
     parts = [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns), str(corpus),
-             str(model), json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
+             str(model), json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "on_short"},
+                                    sort_keys=True)]
     if corpus and Path(corpus).exists():
         c = Path(corpus) / "corpus.jsonl" if Path(corpus).is_dir() else Path(corpus)
         parts += [str(c.stat().st_size), str(c.stat().st_mtime_ns)]
@@ -268,11 +283,19 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
         bar.update(len(shard))
     bar.close()
 
+    short = _short_records(parts, n_shards, records, cfg)
+    if short and cfg.on_short == "fail":
+        line, rec, got = short[0]
+        raise ShortError(f"{data}:{line}: {got} negative(s) mined, {cfg.negatives} asked ({len(short)} of "
+                         f"{len(records)} records short; a {len(texts)}-text corpus and ranks {cfg.rank_start}-"
+                         f"{cfg.rank_end} leave too few candidates); nothing written. Widen --ranks, give a larger "
+                         "--corpus, or --on-short keep (keeps the records' own negatives)")
+
     # Assemble: every record with its mined negatives, then one rename.
     report = {"records": len(records), "corpus": len(texts), "rank_window": [cfg.rank_start, cfg.rank_end],
               "margin": cfg.margin, "near_dup": cfg.near_dup, "model": model_name,
               "removed": dict.fromkeys(FILTERS, 0), "retrieved": 0, "surplus": 0, "written": 0, "short": 0,
-              "scored": 0, "scores_dropped": 0}
+              "scored": 0, "scores_dropped": 0, "kept_own": 0}
     with open_atomic(out) as fo:
         for s in range(n_shards):
             shard_out = json.loads((parts / f"shard-{s:05d}.json").read_text())
@@ -286,6 +309,7 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
             for (_, rec), mined, scores in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size],
                                                shard_out["negatives"], teacher):
                 negs = _final_negatives(rec, mined, cfg)
+                report["kept_own"] += _kept_own(rec, mined, cfg)
                 report["written"] += len(negs)
                 new = {**rec, "negatives": negs}
                 if scores is not None:
@@ -300,6 +324,21 @@ def mine(data: str | Path, out: str | Path, encoder, *, corpus: str | Path | Non
     return report
 
 
+class ShortError(ValueError):
+    """mine --on-short fail: some records would get fewer negatives than asked; the message names the first."""
+
+
+def _short_records(parts: Path, n_shards: int, records: list, cfg: MineConfig) -> list[tuple[int, dict, int]]:
+    """(line, record, negatives mined) of every record that got fewer than cfg.negatives."""
+    out = []
+    for s in range(n_shards):
+        mined = json.loads((parts / f"shard-{s:05d}.json").read_text())["negatives"]
+        for (line, rec), negs in zip(records[s * cfg.shard_size:(s + 1) * cfg.shard_size], mined):
+            if len(negs) < cfg.negatives:
+                out.append((line, rec, len(negs)))
+    return out
+
+
 def format_report(r: dict) -> str:
     lines = [f"mined {r['records']} records against {r['corpus']} documents (ranks {r['rank_window'][0]}-"
              f"{r['rank_window'][1]}, margin {r['margin']}, near-dup Jaccard {r['near_dup']})",
@@ -312,4 +351,6 @@ def format_report(r: dict) -> str:
     if r.get("scores_dropped"):
         lines.append(f"  old teacher scores dropped from {r['scores_dropped']} records (their negatives changed; "
                      "--scores writes new ones)")
+    if r.get("kept_own"):
+        lines.append(f"  records that kept their own negatives (too few mined): {r['kept_own']}")
     return "\n".join(lines)

@@ -8,14 +8,21 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from embforge.engine.checks import check_model_path
 from embforge.engine.precision import resolve_dtype
 from embforge.engine.text import DEFAULT_QUERY_TEMPLATE, check_template, format_query, pad_batch, tokenize_texts
 from embforge.kernels import last_token_pool, mean_pool
+
+# peft asks every model whether it checkpoints through transformers' deprecated alias, and transformers warns on each
+# call: nothing the user did or can change. Only that message, category and module are silenced.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module=r"transformers\.modeling_utils")
 
 # Every attention AND MLP projection, per family. Named per family on purpose: GritLM reused Mixtral's expert names
 # (w1/w2/w3) for Mistral and so never adapted Mistral's MLP. from_config checks each name exists in the model.
@@ -114,6 +121,7 @@ class ModelConfig:
         if self.rope_theta is not None and not self.rope_theta > 0:
             raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
         check_template(self.query_template)
+        check_model_path(self.path)
         if self.lora is not None:
             self.lora.validate()
 
@@ -209,11 +217,13 @@ class Embedder(torch.nn.Module):
     def from_config(cls, cfg: ModelConfig, device: str | torch.device | None = None) -> "Embedder":
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+        from embforge.engine.modelfiles import check_model_files
+
         cfg.validate()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        path = resolve_path(cfg.path)
+        path = check_model_files(cfg.path)     # one line naming model.path when it cannot load
         dtype = resolve_dtype(cfg.dtype, device)
         hf_cfg = AutoConfig.from_pretrained(path)
         if cfg.rope_theta is not None:
@@ -290,7 +300,14 @@ class Embedder(torch.nn.Module):
             raise ValueError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from e
         if "model" not in meta:
             raise ValueError(f"{meta_file}: missing key 'model'")
+        if meta.get("merged") and isinstance(meta["model"], dict):
+            meta["model"]["path"] = str(path / "merged")   # self-contained: the base it names is not needed
+        elif isinstance(meta["model"].get("path"), str):
+            from embforge.engine.baseref import locate_base
+            meta["model"]["path"] = locate_base(meta["model"]["path"], path)
         cfg = build_dataclass(ModelConfig, meta["model"], prefix="model.")
+        from embforge.engine.modelfiles import check_model_files
+        check_model_files(cfg.path)      # a base that cannot load is one line, before anything loads
         overrides = {k: v for k, v in (("quantization", quantization), ("dtype", dtype)) if v is not None}
         cfg = dataclasses.replace(cfg, **overrides)
         if cfg.liger and torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cuda":
@@ -308,13 +325,14 @@ class Embedder(torch.nn.Module):
         return emb
 
     def save_pretrained(self, out_dir: str | Path, *, adapter_state_dict: dict | None = None) -> Path:
-        """Adapter + tokenizer + the model config (base path resolved to an absolute location).
+        """Adapter + tokenizer + the model config (the base named as the user named it: engine/baseref.py).
         adapter_state_dict: full LoRA tensors by parameter name, when the parameters themselves are sharded (FSDP2)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.save_adapter(out / "adapter", state_dict=adapter_state_dict)
         meta = {"model": dataclasses.asdict(self.config), "merged": False}
-        meta["model"]["path"] = resolve_path(self.config.path)
+        from embforge.engine.baseref import base_reference
+        meta["model"]["path"] = base_reference(self.config.path, out)
         (out / "embforge_config.json").write_text(json.dumps(meta, indent=2))
         self.tokenizer.save_pretrained(out / "tokenizer")
         return out

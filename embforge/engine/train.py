@@ -36,11 +36,13 @@ import torch
 from embforge.common import append_jsonl, atomic_write_text
 from embforge.config import ConfigError
 from embforge.engine.batch import ContrastiveBatch, shard_batch
+from embforge.engine.checks import check_train_values
 from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
 from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
                                          rank_seed, sum_grads, wrap)
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
 from embforge.engine.model import Embedder, ModelConfig
+from embforge.engine.rundir import prepare_output_dir, trim_steps
 from embforge.engine.temperature import Temperature
 from embforge.engine.tracking import LogConfig, Tracker
 
@@ -168,6 +170,7 @@ class TrainConfig:
             raise ValueError(f"batch.packing must be true, false or 'auto', got {self.batch.packing!r}")
         if self.optim.decay not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.decay must be linear, cosine or constant, got {self.optim.decay!r}")
+        check_train_values(self)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -365,6 +368,11 @@ class Reporter:
     def log(self, msg: str):
         print(msg, file=sys.stderr)
 
+    def resume_at(self, step: int):
+        """Logs hold this run up to `step` only: what a crash after the last checkpoint wrote is redone."""
+        for log in (self.metrics_path, self.metrics_path.with_name("eval.jsonl")):
+            trim_steps(log, step)
+
     def start(self, initial: int, total: int):
         self.start_step = initial
         if initial and self.metrics_path.exists():
@@ -418,6 +426,7 @@ class SilentReporter(Reporter):
         self.bar = self.tracker = None
 
     def log(self, msg): pass
+    def resume_at(self, step): pass
     def start(self, initial, total): pass
     def step(self, rec, per_dataset=None): pass
     def evaluate(self, embedder, step): return None
@@ -471,9 +480,10 @@ def save_final(run: Run, reporter: Reporter):
 
 
 def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None = None, resume: bool = False,
-          progress: bool = True, stop_after: int | None = None) -> dict:
+          overwrite: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run training; returns {"losses": [...], "eval": {...}, "main": whether this process is the one that speaks}
     (+ "embedder" when finished, "stopped_at" when interrupted). `stop_after` simulates an interruption (tests).
+    An output_dir holding a run needs `resume` (continue it) or `overwrite` (start over; engine/rundir.py).
     Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
     dist_, device = init_distributed(cfg.distributed, cfg.device)
     if dist_.active:
@@ -481,11 +491,13 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     if dist_.active and cfg.distributed.strategy == "fsdp" and resume:
         raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
                          "checkpoints); use strategy ddp")
+    prepare_output_dir(cfg.output_dir, dist_, resume=resume, overwrite=overwrite)
     run = setup(cfg, dist_, device)
     reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate, log=cfg.log,
                                  config=dataclasses.asdict(cfg), eval_name=cfg.eval.data)
     log_notes(batches, reporter)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
+    reporter.resume_at(state.step)
 
     def maybe_evaluate(key: str, step: int):
         if evaluate is not None:

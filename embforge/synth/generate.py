@@ -24,7 +24,7 @@ from .plan import brainstorm_requests, build_record, example_requests, tasks_fro
 from .runner import Runner
 from .store import JsonlAppender, read_jsonl
 from .tasks import TASK_TYPES
-from .validate import Deduper, check_example, check_record
+from .validate import Deduper, check_content, check_example, check_record
 
 
 def sidecar(out: str | Path, suffix: str) -> Path:
@@ -107,26 +107,31 @@ class Generator:
             status, reason = ("accepted", None) if tasks else ("rejected", "no_tasks")
             self.ledger.append(self._entry(req, res, status, reason, tasks=tasks))
             self.run_counts[f"brainstorm:{status}"] += 1
+            return ("ok" if tasks else "rejected"), reason
 
-    def _handle_example(self, req: ChatRequest, res: ChatResult) -> None:
+    def _handle_example(self, req: ChatRequest, res: ChatResult) -> tuple[str, str | None]:
+        """Validate and record one example response; returns its final (status, reason) for the progress bar."""
         if res.status != "ok":
             self.ledger.append(self._entry(req, res, res.status, res.reason))
             self.run_counts[f"example:{res.status}:{res.reason}"] += 1
-            return
+            return res.status, res.reason
         task = TASK_TYPES[req.meta["task_type"]]
         reason = check_example(task.name, res.parsed, task.output_keys, task.long_fields, self.cfg.validation)
         record = None
         if reason is None:
             record = build_record(req, res.parsed, self.cfg.model, self.cfg.seed)
-            reason = check_record(record) or (self.deduper.check(record) if self.cfg.validation.dedup else None)
+            reason = (check_record(record) or check_content(record, task.name, req.meta["params"],
+                                                            self.cfg.validation)
+                      or (self.deduper.check(record) if self.cfg.validation.dedup else None))
         if reason:
             self.ledger.append(self._entry(req, res, "rejected", reason, parsed=res.parsed))
             self.run_counts[f"example:rejected:{reason}"] += 1
-            return
+            return "rejected", reason
         # Ledger first (it carries the record), output second: a crash in between is repaired on restart.
         self.ledger.append(self._entry(req, res, "accepted", None, parsed=res.parsed, record=record))
         self.records.append(record)
         self.run_counts["example:accepted"] += 1
+        return "ok", None
 
     # -- the two phases --------------------------------------------------------------------------------
     async def _execute(self, requests: list[ChatRequest], handle, desc: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from typing import Callable, Iterable
 
 from .client import ChatRequest, ChatResult, FatalAPIError, LLMClient, UnreachableError
@@ -48,10 +49,15 @@ class Runner:
     def _charge(self, usage: dict) -> None:
         self.budget.tracker.add(self.client.model, usage)
 
-    async def run(self, requests: Iterable[ChatRequest], handle: Callable[[ChatRequest, ChatResult], None],
+    async def run(self, requests: Iterable[ChatRequest], handle: Callable[[ChatRequest, ChatResult], object],
                   *, total: int, desc: str) -> None:
+        """`handle` may return the request's final (status, reason) after validation, e.g. ("rejected",
+        "placeholder:query") for a response the API delivered fine: the bar counts those, so its ok / rejected
+        numbers (and the reasons) are the report's."""
         it = iter(requests)
         bar = Progress(total, desc, self.progress)
+        shown = {"ok": 0, "rejected": 0, "failed": 0}     # this phase's outcomes, on the bar
+        reasons: Counter = Counter()
 
         async def worker():
             while self.stop_reason is None:
@@ -82,8 +88,13 @@ class Runner:
                 finally:
                     self.budget.release(reserve + sum(extra))
                 self.counts[res.status] += 1
-                handle(req, res)
-                bar.update(1, cost=f"${self.budget.tracker.total_usd:.4f}", **self.counts)
+                outcome = handle(req, res)
+                status, reason = outcome if isinstance(outcome, tuple) else (res.status, res.reason)
+                shown[status] = shown.get(status, 0) + 1
+                if status != "ok" and reason:
+                    reasons[reason] += 1
+                why = {"why": ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))} if reasons else {}
+                bar.update(1, cost=f"${self.budget.tracker.total_usd:.4f}", **shown, **why)
 
         try:
             await asyncio.gather(*(worker() for _ in range(max(1, self.concurrency))))

@@ -29,6 +29,9 @@ class ValidationConfig:
     short_max_words: int = 200    # the query side of short-long and both sides of short-short
     near_dup_threshold: float = 0.9  # estimated Jaccard over char 5-grams; 1.0 disables near-dup removal
     dedup: bool = True
+    # A text shorter than this fraction of the length its prompt asked for ("about 200 words", "at least 50") is
+    # rejected: a small model answering "123" for a 100-word document has not done the task. 0 disables.
+    min_length_fraction: float = 0.25
 
 
 def count_words(text: str) -> int:
@@ -64,6 +67,53 @@ def check_example(task_name: str, payload: dict, keys: tuple[str, ...], long_fie
     texts = [normalize(payload[k]) for k in keys]
     if len(set(texts)) < len(texts):
         return "fields_identical"
+    return None
+
+
+# Placeholders a model echoes instead of content: a bare ellipsis, `<query>`, `[document]`, `{text}`, TODO.
+_PLACEHOLDER = re.compile(r"^\W*(\.{2,}|…+|<[^<>]{1,40}>|\[[^\[\]]{1,40}\]|\{[^{}]{1,40}\}|todo|tbd|n/?a|"
+                          r"lorem ipsum.*|(your|the) (query|document|text|instruction|task)( here)?)\W*$", re.I)
+_LETTER = re.compile(r"[^\W\d_]")      # any letter of any script
+# spec field of a task type -> the record field whose length it sets (synth/templates/example_*.txt)
+LENGTH_SPECS = {"short-long": {"num_words": ("positive", "negatives"), "query_length": ("query",)},
+                "long-short": {"num_words": ("query",)}}
+
+
+def min_words(spec) -> int | None:
+    """The fewest words a length spec asks for: 200, "about 200", "at least 50", "5 to 15 words" -> 200, 200, 50,
+    5; "less than 10" asks for no minimum (None)."""
+    text = str(spec).strip().lower()
+    if text.startswith(("less than", "fewer than", "at most", "up to")):
+        return None
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
+
+
+def _texts(rec: dict, field: str) -> list[str]:
+    v = rec.get(field)
+    return list(v) if isinstance(v, list) else [v] if isinstance(v, str) else []
+
+
+def check_content(rec: dict, task_name: str, params: dict, cfg: ValidationConfig) -> str | None:
+    """Degenerate records a well-formed JSON answer can still be: a placeholder instead of text, the instruction
+    repeated as the query, a text far shorter than its prompt asked, or one without a single letter (numbers
+    only) where a language was asked for. Returns a reason code or None."""
+    for field in ("instruction", "query", "positive", "negatives"):
+        for text in _texts(rec, field):
+            if _PLACEHOLDER.match(text.strip()):
+                return f"placeholder:{field}"
+            if not _LETTER.search(text):
+                return f"no_letters:{field}"
+    if rec.get("instruction") and normalize(rec["instruction"]) == normalize(rec.get("query", "")):
+        return "instruction_is_query"
+    if cfg.min_length_fraction > 0:
+        for spec_name, fields in LENGTH_SPECS.get(task_name, {}).items():
+            want = min_words(params.get(spec_name, ""))
+            if not want:
+                continue
+            for field in fields:
+                if any(count_words(t) < cfg.min_length_fraction * want for t in _texts(rec, field)):
+                    return f"too_short_for_spec:{field}"
     return None
 
 
