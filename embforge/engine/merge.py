@@ -68,12 +68,8 @@ def read_source(path: str | Path) -> Source:
         p = p / "final"
     meta_file = p / "embforge_config.json"
     if meta_file.exists():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise MergeError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from e
-        if "model" not in meta:
-            raise MergeError(f"{meta_file}: missing key 'model'")
+        from embforge.engine.model import read_model_meta
+        meta = read_model_meta(meta_file, MergeError)
         if not (p / "adapter" / "adapter_config.json").exists():
             raise MergeError(f"{p}: a full model without a LoRA adapter; merge takes LoRA models (a run's final/, "
                              "an export, a checkpoint, or a merge written with --rank)")

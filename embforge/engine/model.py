@@ -89,6 +89,17 @@ def peft_lora_config(model, lora: LoraConfig):
                           bias="none", **where)
 
 
+
+def read_model_meta(meta_file: Path, error=ValueError) -> dict:
+    """A saved model's embforge_config.json; a malformed one raises `error` naming file:line or the missing key."""
+    try:
+        meta = json.loads(Path(meta_file).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise error(f"{meta_file}: missing key 'model'")
+    return meta
+
 @dataclass
 class ModelConfig:
     path: str = "smollm2"               # "smollm2" = the offline SmolLM2-135M asset, "tiny-<family>" = random test
@@ -294,12 +305,7 @@ class Embedder(torch.nn.Module):
         meta_file = path / "embforge_config.json"
         if not meta_file.exists():
             raise FileNotFoundError(f"{path} is not an embforge model folder (no embforge_config.json)")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_file}:{e.lineno}: not valid JSON ({e.msg})") from e
-        if "model" not in meta:
-            raise ValueError(f"{meta_file}: missing key 'model'")
+        meta = read_model_meta(meta_file)
         if meta.get("merged") and isinstance(meta["model"], dict):
             meta["model"]["path"] = str(path / "merged")   # self-contained: the base it names is not needed
         elif isinstance(meta["model"].get("path"), str):
