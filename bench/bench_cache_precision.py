@@ -4,7 +4,7 @@ model) against the fp32 cache, measured on CPU with the CUDA arithmetic emulated
     python bench/bench_cache_precision.py [--out-dir bench/results]
 
 On CUDA a bf16 cache makes the InfoNCE matmuls take bf16 inputs with fp32 accumulation and write G' in bf16
-(kernels/infonce.py). On CPU the kernel computes in fp32 whatever the input dtype, so here its matmul dtype is
+(kernels/utils.py matmul_dtype). On CPU the kernel computes in fp32 whatever the input dtype, so here its matmul dtype is
 patched to the input's dtype, as on CUDA: bf16 products are exact in fp32, so this is the CUDA arithmetic up to
 summation order. Embeddings: bf16-rounded raw vectors (a bf16 model's pooled states), anisotropic (any two at cosine
 ~0.5, a positive ~0.57 with its query), temperature 0.02. Errors are relative to a float64 reference on the same inputs:
@@ -39,15 +39,16 @@ def embeddings(B: int, G: int, H: int, seed: int = 0):
 
 def loss_and_grads(q, d, dtype, emulate_cuda: bool):
     import embforge.kernels.infonce as K
-    saved = K._matmul_dtype
+    import embforge.kernels.utils as U
+    saved = U.matmul_dtype
     if emulate_cuda:
-        K._matmul_dtype = lambda x: x.dtype
+        U.matmul_dtype = lambda x: x.dtype
     try:
         qq, dd = (x.detach().to(dtype).clone().requires_grad_() for x in (q, d))
         loss = K.infonce_loss(qq, dd, 0.02, backend="torch")
         loss.backward()
     finally:
-        K._matmul_dtype = saved
+        U.matmul_dtype = saved
     return loss.double().item(), qq.grad.double(), dd.grad.double()
 
 

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_engine_distributed import CHUNK, global_batch  # noqa: E402
 
-from embforge.engine.distributed import (DistributedConfig, full_tensor, init_distributed, shard_batch,  # noqa: E402
-                                         wrap)
+from embforge.engine.batch import shard_batch  # noqa: E402
+from embforge.engine.distributed import DistributedConfig, full_tensor, init_distributed, wrap  # noqa: E402
 from embforge.engine.gradcache import contrastive_step  # noqa: E402
 
 

@@ -375,8 +375,8 @@ def test_bf16_cache_error_with_the_cuda_arithmetic(monkeypatch):
     """On CPU with the CUDA arithmetic emulated (the loss matmuls in the cache's dtype, bf16 products accumulated in
     fp32, G' in bf16): a bf16 cache changes the step (so the setting is live) by no more than the tolerance the GPU
     test holds it to (bench/results/cache_precision_cpu.csv has the loss-level error)."""
-    import embforge.kernels.infonce as K
-    monkeypatch.setattr(K, "_matmul_dtype", lambda x: x.dtype)
+    import embforge.kernels.utils as U
+    monkeypatch.setattr(U, "matmul_dtype", lambda x: x.dtype)
     e = embedder("llama", 0.0)
     out = _bf16_vs_fp32_step(e)
     (l32, g32), (l16, g16) = out["float32"], out["bfloat16"]
@@ -574,6 +574,7 @@ def test_train_config_loss_keys_validated_and_passed_through(tmp_path):
     # distill_weight with no scored record anywhere is refused before any model loads, naming the key
     plain = tmp_path / "plain.jsonl"
     build(plain)
-    cfg = load_config(TrainConfig, None, [*overrides[:2], f"data.train=[{plain}]", *overrides[3:]])
+    cfg = load_config(TrainConfig, None, [*overrides[:2], f"data.train=[{plain}]", *overrides[3:],
+                                          f"output_dir={tmp_path / 'unscored'}"])    # a fresh run folder
     with pytest.raises(ValueError, match="loss.distill_weight"):
         run_training(cfg, progress=False)
