@@ -13,6 +13,14 @@ def _evals(tmp_path, **ndcg):
             {"chatterbot": {"ndcg_at_10": chat}, "gcide": {"ndcg_at_10": gc}, "gcide_sts": {"spearman": sts}}))
 
 
+def _one_step_run(run, stages):
+    """A run folder with its stage times and a one-step metrics file (what `report` needs beside the evals)."""
+    (run / "train").mkdir()
+    (run / "stages.tsv").write_text(stages)
+    (run / "train" / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+
+
 def test_report_reads_the_run(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "stages.tsv").write_text("synth\t40\ntrain\t450\n")
@@ -36,10 +44,7 @@ def test_report_reads_the_run(tmp_path):
 
 
 def test_report_without_evals_says_so(tmp_path):
-    (tmp_path / "train").mkdir()
-    (tmp_path / "stages.tsv").write_text("train\t5\n")
-    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
-        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    _one_step_run(tmp_path, "train\t5\n")
     assert "side-by-side evaluation did not run" in report(tmp_path)
     _evals(tmp_path, trained=(0.2, 0.1, 0.3))
     text = report(tmp_path)
@@ -48,10 +53,7 @@ def test_report_without_evals_says_so(tmp_path):
 
 def test_report_shows_the_base_at_its_strongest_per_set(tmp_path):
     """Two untrained configurations: each set takes the better one, and the summary names which."""
-    (tmp_path / "train").mkdir()
-    (tmp_path / "stages.tsv").write_text("train\t5\n")
-    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
-        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    _one_step_run(tmp_path, "train\t5\n")
     _evals(tmp_path, base=(0.01, 0.30, 0.10), base_causal=(0.05, 0.02, 0.40), trained=(0.2, 0.25, 0.3))
     text = report(tmp_path)
     assert "| chatterbot Q/A retrieval (ndcg@10) | 0.0500 | 0.2000 |" in text
@@ -61,10 +63,7 @@ def test_report_shows_the_base_at_its_strongest_per_set(tmp_path):
 
 
 def test_report_shows_the_synthetic_stage(tmp_path):
-    (tmp_path / "train").mkdir()
-    (tmp_path / "stages.tsv").write_text("synth\t60\n")
-    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
-        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    _one_step_run(tmp_path, "synth\t60\n")
     (tmp_path / "synth").mkdir()
     (tmp_path / "synth" / "synth.report.json").write_text(json.dumps({"model": "smollm2-135m-instruct", "example_outcomes": {
         "accepted:ok": 3, "rejected:field_too_short:positive": 2, "rejected:placeholder:query": 1}}))
@@ -80,10 +79,7 @@ def test_report_shows_the_synthetic_stage(tmp_path):
 def test_report_subcommand_prints_the_summary_and_refuses_a_missing_run(tmp_path, capsys):
     from embforge.cli import main
 
-    (tmp_path / "train").mkdir()
-    (tmp_path / "stages.tsv").write_text("train\t5\n")
-    (tmp_path / "train" / "metrics.jsonl").write_text(json.dumps(
-        {"step": 1, "loss": 1.0, "seconds": 1.0, "tokens_per_s": 1.0, "chunks": 1}) + "\n")
+    _one_step_run(tmp_path, "train\t5\n")
     assert main(["eval", "report", str(tmp_path)]) == 0
     assert capsys.readouterr().out == report(tmp_path)
     assert main(["eval", "report", str(tmp_path / "nope")]) == 2
