@@ -110,7 +110,8 @@ def table(args) -> str:
     order = [v for v in args.order if v in variants] + sorted(v for v in variants if v not in args.order)
     lines = [f"CPU: {torch.backends.cpu.get_cpu_capability()} capability, {os.cpu_count()} cores; "
              f"torch {torch.__version__}; generated {time.strftime('%Y-%m-%d')} by `python bench/bench_recipe.py "
-             f"table --run {args.run}` from RUN/recipe/*/seed*/eval_trained.json.", ""]
+             f"table --run {args.run}` from RUN/recipe/*/seed*/eval_trained.json.", *([args.note] if args.note else []),
+             ""]
     for key, title, metric in SETS:
         b = base.get(key, {}).get(metric)
         m = minilm.get(key, {}).get(metric)
@@ -136,6 +137,10 @@ def table(args) -> str:
         sets = shlex.split(variants[v][0]["command"])
         extra = [s for i, s in enumerate(sets) if i and sets[i - 1] == "--set" and not s.startswith(
             ("data.train=", "output_dir=", "seed="))]
+        data = next((s for s in sets if s.startswith("data.train=")), "")
+        if data and f"{run_dir / 'mined'}/" not in data:      # trained on another copy of the data (--data-dir)
+            extra.append("data: " + ", ".join(sorted({Path(t.split("path: ")[1]).parent.name
+                                                      for t in data.split("}") if "path: " in t})))
         lines.append(f"| {v} | {statistics.median(m['seconds'] for m in steps):.1f} | "
                      f"{statistics.mean(firsts):.3f} -> {statistics.mean(lasts):.3f} | "
                      f"{' '.join(extra) or '(the config as is)'} |" if steps else f"| {v} | n/a | n/a | |")
@@ -164,6 +169,7 @@ def main(argv=None) -> None:
     t.add_argument("--run", default="runs/demo")
     t.add_argument("--out", default=None)
     t.add_argument("--order", nargs="*", default=["mixed", "homogeneous"])
+    t.add_argument("--note", default="", help="a line under the header (how the runs were run)")
     args = p.parse_args(argv)
     if args.cmd == "run":
         run(args, overrides)
