@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from embforge.common import read_jsonl  # noqa: E402
 from embforge.eval.report import SETS, strongest_base  # noqa: E402
 
 
@@ -83,8 +84,8 @@ def _variant_runs(run_dir: Path) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     for f in sorted(run_dir.glob("recipe/*/seed*/eval_trained.json")):
         variant, seed = f.parent.parent.name, int(f.parent.name[len("seed"):])
-        metrics = [json.loads(line) for line in (f.parent / "train" / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()] if (f.parent / "train" / "metrics.jsonl").exists() else []
+        metrics_f = f.parent / "train" / "metrics.jsonl"
+        metrics = [rec for _, rec in read_jsonl(metrics_f)] if metrics_f.exists() else []
         command = (f.parent / "command.sh").read_text().splitlines()[0] if (f.parent / "command.sh").exists() else ""
         found.setdefault(variant, []).append({"seed": seed, "eval": json.loads(f.read_text()), "metrics": metrics,
                                               "command": command})
