@@ -41,6 +41,7 @@ from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, resto
 from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
                                          rank_seed, sum_grads, wrap)
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
+from embforge.engine.launch import check_same_launch, launch_fingerprint
 from embforge.engine.model import Embedder, ModelConfig
 from embforge.engine.rundir import prepare_output_dir, trim_steps
 from embforge.engine.temperature import Temperature
@@ -203,6 +204,7 @@ class BatchSource(Protocol):
 
     notes: list[str]      # lines for the log (bad lines skipped, ...): rank 0 prints and every rank empties it,
                           # before training and after each batch
+    files: list           # optional: the files it reads (each rank's copy is compared with rank 0's at launch)
 
     def __call__(self, position): ...
 
@@ -488,6 +490,7 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     dist_, device = init_distributed(cfg.distributed, cfg.device)
     if dist_.active:
         check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
+        check_same_launch(dist_, launch_fingerprint(cfg, getattr(batches, "files", ())))
     if dist_.active and cfg.distributed.strategy == "fsdp" and resume:
         raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
                          "checkpoints); use strategy ddp")
