@@ -204,9 +204,6 @@ def check_launch(cfg, world_size: int):
             refused.append("loss.learnable_temperature (a plain parameter beside sharded ones in one clip/optimizer)")
         if cfg.batch.chunk_tokens == "auto":
             refused.append("batch.chunk_tokens=auto (the probe needs the whole model on one device; give a number)")
-        if cfg.checkpoint_every:
-            refused.append("checkpoint_every>0 (resumable checkpoints of sharded optimizer state are not "
-                           "implemented; set checkpoint_every: 0 - the final adapter is still saved)")
         if refused:
             raise ValueError("distributed.strategy=fsdp does not support: " + "; ".join(refused))
 

@@ -11,7 +11,7 @@ embforge/cli/train.py `run_training` wires the JSONL reader (embforge/data) and 
 (embforge/eval) in, so this module knows neither.
 
 Checkpoints (every N steps, and on SIGINT/SIGTERM) hold the adapter, optimizer, scheduler, every RNG state, the data
-position and the config, written atomically, so `--resume` continues with exactly the loss curve of an
+position and the config, written atomically (FSDP2: sharded, by every rank: engine/checkpoint.py), so `--resume` continues with exactly the loss curve of an
 uninterrupted run.
 
 Under torchrun (docs/distributed.md) every rank reads the same global batch at the same position and takes its
@@ -37,7 +37,9 @@ from embforge.common import append_jsonl, atomic_write_text
 from embforge.config import ConfigError
 from embforge.engine.batch import ContrastiveBatch, shard_batch
 from embforge.engine.checks import check_train_values
-from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
+from embforge.engine.checkpoint import (latest_checkpoint, load_checkpoint, new_checkpoint_dir, publish_checkpoint,
+                                       restore_rng, rng_states, save_checkpoint, save_shards,
+                                       save_sharded_trainer_state)
 from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
                                          rank_seed, sum_grads, wrap)
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
@@ -406,6 +408,14 @@ class Reporter:
     def save_checkpoint(self, run: Run, step: int, state: dict):
         save_checkpoint(run.out, step, run.embedder, run.optimizer, run.scheduler, run.temperature.log_tau, state)
 
+    def new_checkpoint_dir(self, run: Run) -> Path:
+        """The temp folder every rank writes its shards into (rank 0 makes it; train() broadcasts its name)."""
+        return new_checkpoint_dir(run.out)
+
+    def publish_sharded_checkpoint(self, run: Run, tmp: Path, step: int, state: dict):
+        save_sharded_trainer_state(tmp, run.scheduler, run.temperature.log_tau, state)
+        publish_checkpoint(tmp, run.out, step)
+
     def save_model(self, embedder: Embedder, path: Path, adapter_state_dict: dict | None):
         embedder.save_pretrained(path, adapter_state_dict=adapter_state_dict)
 
@@ -433,6 +443,8 @@ class SilentReporter(Reporter):
     def step(self, rec, per_dataset=None): pass
     def evaluate(self, embedder, step): return None
     def save_checkpoint(self, run, step, state): pass
+    def new_checkpoint_dir(self, run): return None
+    def publish_sharded_checkpoint(self, run, tmp, step, state): pass
     def save_model(self, embedder, path, adapter_state_dict): pass
 
 
@@ -464,10 +476,18 @@ def log_notes(batches: BatchSource, reporter: Reporter):
 
 def checkpoint(run: Run, progress: Progress, reporter: Reporter, step: int):
     rng = run.dist.gather_objects(rng_states())      # every rank's generators (a collective: all ranks call)
-    reporter.save_checkpoint(run, step, {
-        "step": step, "position": progress.position, "losses": progress.losses, "datasets": progress.datasets,
-        "rng": rng[0], "rng_ranks": rng,
-        "world_size": run.dist.world_size, "evals": progress.evals, "config": dataclasses.asdict(run.cfg)})
+    state = {"step": step, "position": progress.position, "losses": progress.losses, "datasets": progress.datasets,
+             "rng": rng[0], "rng_ranks": rng, "world_size": run.dist.world_size, "evals": progress.evals,
+             "config": dataclasses.asdict(run.cfg), "strategy": run.cfg.distributed.strategy if run.dist.active
+             else "single"}
+    if run.fsdp:
+        # Sharded: every rank writes its shards (torch.distributed.checkpoint, a collective) into the temp folder
+        # rank 0 made, then rank 0 adds trainer.pt and publishes the folder with one rename.
+        tmp = run.dist.broadcast_object(reporter.new_checkpoint_dir(run))
+        save_shards(tmp, run.embedder.model, run.optimizer)
+        reporter.publish_sharded_checkpoint(run, tmp, step, state)
+    else:
+        reporter.save_checkpoint(run, step, state)
     run.dist.barrier()                               # nobody runs ahead of a checkpoint still being written
 
 
@@ -491,9 +511,6 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     if dist_.active:
         check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
         check_same_launch(dist_, launch_fingerprint(cfg, getattr(batches, "files", ())))
-    if dist_.active and cfg.distributed.strategy == "fsdp" and resume:
-        raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
-                         "checkpoints); use strategy ddp")
     prepare_output_dir(cfg.output_dir, dist_, resume=resume, overwrite=overwrite)
     run = setup(cfg, dist_, device)
     reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate, log=cfg.log,
@@ -525,14 +542,13 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
                     maybe_evaluate(f"step{done}", done)
                 interrupted = stop.flag or (stop_after is not None and done == stop_after)
-                if not run.fsdp and (interrupted or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                if interrupted or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                     checkpoint(run, state, reporter, done)
                 if interrupted:
                     return {"losses": state.losses, "eval": state.evals, "datasets": state.per_dataset(),
                             "stopped_at": done, "main": dist_.is_main}
         maybe_evaluate("after", cfg.steps)
-        if not run.fsdp:
-            checkpoint(run, state, reporter, cfg.steps)
+        checkpoint(run, state, reporter, cfg.steps)
         save_final(run, reporter)
         per_dataset = state.per_dataset()
         if per_dataset:
