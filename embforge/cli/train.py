@@ -44,9 +44,9 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, progress
     if cfg.eval.data:
         from embforge.eval.training import evaluate as evaluate_retrieval
 
-        def evaluate(embedder, step: int) -> dict:
+        def evaluate(embedder, step: int, record: bool = True) -> dict:
             return evaluate_retrieval(embedder, cfg.eval.data, cfg.output_dir, step, instruction=cfg.eval.instruction,
-                                      max_queries=cfg.eval.max_queries)
+                                      max_queries=cfg.eval.max_queries, record=record)
     return train(cfg, batches, evaluate=evaluate, resume=resume, overwrite=overwrite, progress=progress,
                  stop_after=stop_after)
 

@@ -197,9 +197,6 @@ def check_launch(cfg, world_size: int):
             refused.append("model.lora=null (full fine-tuning is not implemented by embforge train)")
         if cfg.optim.optimizer != "adamw":
             refused.append(f"optim.optimizer={cfg.optim.optimizer} (only adamw runs on sharded parameters)")
-        if cfg.eval.data:
-            refused.append("eval.data (evaluation runs on rank 0 alone, which does not hold the sharded model; "
-                           "evaluate the saved adapter instead)")
         if cfg.loss.learnable_temperature:
             refused.append("loss.learnable_temperature (a plain parameter beside sharded ones in one clip/optimizer)")
         if cfg.batch.chunk_tokens == "auto":

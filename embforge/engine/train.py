@@ -45,6 +45,7 @@ from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, 
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
 from embforge.engine.launch import check_same_launch, launch_fingerprint
 from embforge.engine.model import Embedder, ModelConfig
+from embforge.engine.rank_encoder import RankShardedEncoder
 from embforge.engine.rundir import prepare_output_dir, trim_steps
 from embforge.engine.temperature import Temperature
 from embforge.engine.tracking import LogConfig, Tracker
@@ -211,7 +212,9 @@ class BatchSource(Protocol):
     def __call__(self, position): ...
 
 
-Evaluate = Callable[[Embedder, int], dict]   # (embedder, step) -> metrics; run by rank 0 alone
+# (encoder, step, record) -> metrics. Run by every rank under torchrun, each encoding its share (the encoder is a
+# RankShardedEncoder, engine/rank_encoder.py); `record` is True on rank 0 alone (it writes eval.jsonl and logs).
+Evaluate = Callable[..., dict]
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -360,7 +363,9 @@ class Reporter:
 
     @staticmethod
     def for_rank(dist_: Dist, out: Path, *, progress: bool, evaluate: Evaluate | None, **tracking) -> "Reporter":
-        return Reporter(out, progress=progress, evaluate=evaluate, **tracking) if dist_.is_main else SilentReporter()
+        if dist_.is_main:
+            return Reporter(out, progress=progress, evaluate=evaluate, **tracking)
+        return SilentReporter(evaluate)
 
     def _track(self) -> Tracker | None:
         """The tracker, opened on first use: by then `start_step` is known (an evaluation before training only
@@ -399,7 +404,7 @@ class Reporter:
                                  chunks=rec["chunks"], mem=f"{rec['peak_gb']:.1f}G", **extra)
 
     def evaluate(self, embedder: Embedder, step: int) -> dict | None:
-        metrics = self.evaluate_fn(embedder, step)
+        metrics = self.evaluate_fn(embedder, step, record=True)
         embedder.model.train()
         if self._track():
             self.tracker.log_eval(step, self.eval_name or "eval", metrics)
@@ -432,16 +437,19 @@ def format_per_dataset(per_dataset: dict) -> str:
 
 
 class SilentReporter(Reporter):
-    """Every other rank: nothing to say, nothing to write; they wait for rank 0 in the next collective."""
+    """Every other rank: nothing to say, nothing to write; it evaluates with rank 0 (its share of the encoding)
+    without recording, and otherwise waits for rank 0 in the next collective."""
 
-    def __init__(self):
+    def __init__(self, evaluate: Evaluate | None = None):
         self.bar = self.tracker = None
+        self.evaluate_fn = evaluate
 
     def log(self, msg): pass
     def resume_at(self, step): pass
     def start(self, initial, total): pass
     def step(self, rec, per_dataset=None): pass
-    def evaluate(self, embedder, step): return None
+    def evaluate(self, embedder, step):
+        return None if self.evaluate_fn is None else self.evaluate_fn(embedder, step, record=False)
     def save_checkpoint(self, run, step, state): pass
     def new_checkpoint_dir(self, run): return None
     def publish_sharded_checkpoint(self, run, tmp, step, state): pass
@@ -518,10 +526,12 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     log_notes(batches, reporter)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
     reporter.resume_at(state.step)
+    # Under torchrun every rank evaluates, each encoding its share; one process evaluates with the embedder itself.
+    eval_encoder = RankShardedEncoder(run.embedder, run.step_embedder, dist_) if dist_.active else run.embedder
 
     def maybe_evaluate(key: str, step: int):
         if evaluate is not None:
-            metrics = reporter.evaluate(run.embedder, step)
+            metrics = reporter.evaluate(eval_encoder, step)
             if metrics is not None:
                 state.evals[key] = metrics
 
