@@ -100,3 +100,53 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_three_ranks(tmp_path):
         assert [x["step"] for x in m] == [1, 2, 3, 4]
         assert [x["loss"] for x in m[2:]] == pytest.approx(lf[2:], rel=1e-4)
         assert_close(adapter(out), adapter(full), rtol=1e-4)
+
+
+def descendant_with_rank(root: int, rank: int) -> int | None:
+    """The pid of the worker of rank `rank` anywhere below `root` (embforge -> torchrun -> workers)."""
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        pid_rank = _rank_pid(pid, rank)
+        if pid_rank is not None:
+            return pid_rank
+        todo += [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                                                text=True).stdout.split()]
+    return None
+
+
+def embforge_train(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "embforge", "train", *map(str, args)], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_rank_under_max_restarts_resumes_by_itself(tmp_path):
+    """`embforge train --nproc 2 --max-restarts 1`: rank 1 is killed with -9 after step 3; torchrun restarts both
+    workers, they resume from the latest checkpoint (no --resume given, the used output_dir not refused) and the run
+    ends with the adapter and losses of an uninterrupted one (dropout on: every rank's RNG came back)."""
+    full, elastic = tmp_path / "full", tmp_path / "elastic"
+    p = embforge_train("--nproc", 2, "--config", write_config(tmp_path, full, steps=6, dropout=0.1,
+                                                             checkpoint_every=2))
+    assert p.wait(timeout=600) == 0, p.stdout.read()[-3000:]
+    proc = embforge_train("--nproc", 2, "--max-restarts", 1, "--overwrite", "--config",
+                          write_config(tmp_path, elastic, steps=6, dropout=0.1, checkpoint_every=2))
+    wait_for_steps(proc, elastic, 3)
+    victim = descendant_with_rank(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    log = proc.stdout.read()
+    assert proc.wait(timeout=600) == 0, log[-3000:]
+    assert "--max-restarts=1" in log and "torchrun restart 1: resuming from the latest checkpoint" in log
+    assert "resumed from" in log and log.count('"final_loss"') == 1
+    assert_close(adapter(elastic), adapter(full), rtol=1e-6)
+    lf = {m["step"]: m["loss"] for m in metrics(full)}
+    le = {m["step"]: m["loss"] for m in metrics(elastic)}
+    assert sorted(le) == list(range(1, 7)) and all(le[s] == pytest.approx(lf[s], rel=1e-6) for s in lf)
+
+
+def test_max_restarts_needs_nproc(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "embforge", "train", "--max-restarts", "1", "--config",
+                        str(write_config(tmp_path, tmp_path / "x", steps=1, dropout=0.0))], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--max-restarts needs --nproc" in r.stderr

@@ -51,6 +51,18 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def elastic_restart() -> int:
+    """How many times torchrun has restarted this worker group (`--max-restarts`): 0 on the first launch."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def run_mode(resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """(resume, overwrite) as this process should apply them: a worker torchrun restarted after a failure resumes
+    from the latest checkpoint of its output_dir (no human step), and never starts over, even when the first
+    launch said --overwrite (that would delete the run it is restarting)."""
+    return (True, False) if elastic_restart() > 0 else (resume, overwrite)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s dropout generators (rank 0 of any world size, and one process, use `seed`)."""
     return (seed + 1_000_003 * rank) % (2**63)

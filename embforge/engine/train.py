@@ -40,8 +40,8 @@ from embforge.engine.checks import check_train_values
 from embforge.engine.checkpoint import (latest_checkpoint, load_checkpoint, new_checkpoint_dir, publish_checkpoint,
                                        restore_rng, rng_states, save_checkpoint, save_shards,
                                        save_sharded_trainer_state)
-from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
-                                         rank_seed, sum_grads, wrap)
+from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, elastic_restart, full_tensor,
+                                         init_distributed, rank_seed, run_mode, sum_grads, wrap)
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
 from embforge.engine.launch import check_same_launch, launch_fingerprint
 from embforge.engine.model import Embedder, ModelConfig
@@ -515,6 +515,7 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     (+ "embedder" when finished, "stopped_at" when interrupted). `stop_after` simulates an interruption (tests).
     An output_dir holding a run needs `resume` (continue it) or `overwrite` (start over; engine/rundir.py).
     Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
+    resume, overwrite = run_mode(resume, overwrite)
     dist_, device = init_distributed(cfg.distributed, cfg.device)
     if dist_.active:
         check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
@@ -523,6 +524,8 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     run = setup(cfg, dist_, device)
     reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate, log=cfg.log,
                                  config=dataclasses.asdict(cfg), eval_name=cfg.eval.data)
+    if elastic_restart():
+        reporter.log(f"[train] torchrun restart {elastic_restart()}: resuming from the latest checkpoint")
     log_notes(batches, reporter)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
     reporter.resume_at(state.step)
