@@ -123,6 +123,13 @@ def load_shards(path: Path, model, optimizer):
                    options=StateDictOptions(**_DSD_OPTIONS, strict=False))   # strict: the base is not in it
 
 
+def remove_unpublished(output_dir):
+    """Temp folders a crash left mid-write (never loaded: only step-* folders are); called by rank 0 on resume,
+    before this run writes any."""
+    for tmp in (Path(output_dir) / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest_checkpoint(output_dir) -> Path | None:
     steps = sorted((Path(output_dir) / "checkpoints").glob("step-*"))
     return steps[-1] if steps else None

@@ -11,8 +11,8 @@ embforge/cli/train.py `run_training` wires the JSONL reader (embforge/data) and 
 (embforge/eval) in, so this module knows neither.
 
 Checkpoints (every N steps, and on SIGINT/SIGTERM) hold the adapter, optimizer, scheduler, every RNG state, the data
-position and the config, written atomically (FSDP2: sharded, by every rank: engine/checkpoint.py), so `--resume` continues with exactly the loss curve of an
-uninterrupted run.
+position and the config, written atomically (FSDP2: sharded, by every rank: engine/checkpoint.py), so `--resume`
+continues with exactly the loss curve of an uninterrupted run; a worker torchrun restarts resumes by itself.
 
 Under torchrun (docs/distributed.md) every rank reads the same global batch at the same position and takes its
 slice (batch.shard_batch), so the data order does not depend on the world size. Rank 0's work (progress bar,
@@ -38,7 +38,7 @@ from embforge.config import ConfigError
 from embforge.engine.batch import ContrastiveBatch, shard_batch
 from embforge.engine.checks import check_train_values
 from embforge.engine.checkpoint import (latest_checkpoint, load_checkpoint, new_checkpoint_dir, publish_checkpoint,
-                                       restore_rng, rng_states, save_checkpoint, save_shards,
+                                       remove_unpublished, restore_rng, rng_states, save_checkpoint, save_shards,
                                        save_sharded_trainer_state)
 from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, elastic_restart, full_tensor,
                                          init_distributed, rank_seed, run_mode, sum_grads, wrap)
@@ -378,7 +378,9 @@ class Reporter:
         print(msg, file=sys.stderr)
 
     def resume_at(self, step: int):
-        """Logs hold this run up to `step` only: what a crash after the last checkpoint wrote is redone."""
+        """Logs hold this run up to `step` only: what a crash after the last checkpoint wrote is redone; a
+        checkpoint a crash left half-written goes."""
+        remove_unpublished(self.out)
         for log in (self.metrics_path, self.metrics_path.with_name("eval.jsonl")):
             trim_steps(log, step)
 
