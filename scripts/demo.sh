@@ -50,18 +50,21 @@ else
   echo "[demo] the local LLM's examples were all rejected: training without a synth dataset" >&2
 fi
 
+# Held-out set sizes: four models are scored, and on 2 cores the full sets cost as much as training
+# (bench/results/demo_cpu.md); HELDOUT="" scores the full sets.
+HELDOUT=${HELDOUT-"--max-queries 300 --gcide-queries 200 --gcide-docs 600 --sts-pairs 200"}
 echo "== 4/7 eval: untrained base (the trained configuration, and plain causal mean pooling) and all-MiniLM-L6-v2"
-stage eval_base embforge eval heldout --model "base:$CONFIG" --out "$RUN/eval_base.json"
-stage eval_base_causal embforge eval heldout --model "base:$CONFIG" --set model.attention=causal \
+stage eval_base embforge eval heldout --model "base:$CONFIG" $HELDOUT --out "$RUN/eval_base.json"
+stage eval_base_causal embforge eval heldout --model "base:$CONFIG" --set model.attention=causal $HELDOUT \
   --out "$RUN/eval_base_causal.json"
-stage eval_minilm embforge eval heldout --model minilm --out "$RUN/eval_minilm.json"
+stage eval_minilm embforge eval heldout --model minilm $HELDOUT --out "$RUN/eval_minilm.json"
 
 echo "== 5/7 train: GradCache + LoRA ($CONFIG)"
 stage train bash -c "embforge train --config $CONFIG --set 'data.train=[${DATASETS%, }]' \
   --set output_dir=$RUN/train > $RUN/train_result.json"
 
 echo "== 6/7 eval: the trained model"
-stage eval_trained embforge eval heldout --model "$RUN/train/final" --out "$RUN/eval_trained.json"
+stage eval_trained embforge eval heldout --model "$RUN/train/final" $HELDOUT --out "$RUN/eval_trained.json"
 
 echo "== 7/7 export: embforge + sentence-transformers folders"
 stage export embforge export --model "$RUN/train/final" --out "$RUN/export" --sentence-transformers \

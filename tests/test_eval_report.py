@@ -103,3 +103,27 @@ def test_heldout_subcommand_writes_what_evaluate_model_gives(tmp_path):
         assert {k: v for k, v in got[key].items() if k != "seconds"} == \
             pytest.approx({k: v for k, v in want[key].items() if k != "seconds"})
     assert got["chatterbot"]["num_queries"] == 20
+
+
+@pytest.mark.skipif(not Path("/usr/share/dictd/gcide.index").exists(), reason="dict-gcide not installed")
+def test_heldout_sizes_and_query_sample(tmp_path, capsys):
+    """--gcide-queries/--gcide-docs/--sts-pairs size the sets; --max-queries is a spread sample, not the first ids
+    (chatterbot's first ids in order are its first topics only)."""
+    from embforge.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "heldout", "--model", "hashing", "--out", str(out), "--max-queries", "40",
+                 "--gcide-queries", "30", "--gcide-docs", "90", "--sts-pairs", "25"]) == 0
+    got = json.loads(out.read_text())
+    assert (got["gcide"]["num_queries"], got["gcide"]["num_docs"], got["gcide_sts"]["num_pairs"]) == (30, 90, 25)
+    assert got["chatterbot"]["num_queries"] == 40
+    from embforge.eval.datasets import chatterbot_beir
+    from embforge.eval.report import sample_queries
+    qrels = chatterbot_beir().qrels
+    sample = sample_queries(qrels, 40)
+    assert sample == sample_queries(qrels, 40) and len(set(sample)) == 40 and set(sample) <= set(qrels)
+    numbers = sorted(int(i[1:]) for i in sample)      # ids q0..qN in file order: the sample spans the files
+    assert numbers[0] < len(qrels) // 4 and numbers[-1] > 3 * len(qrels) // 4
+    assert main(["eval", "heldout", "--model", "hashing", "--out", str(out), "--gcide-queries", "50",
+                 "--gcide-docs", "20"]) == 2
+    assert "--gcide-docs" in capsys.readouterr().err

@@ -75,9 +75,13 @@ def add_parser(subparsers) -> None:
                    help="base:CONFIG.yaml (the config's model without adapter: the untrained base), a model folder, "
                         "or minilm")
     h.add_argument("--out", required=True, type=Path)
-    h.add_argument("--max-queries", type=int, default=None, help="score only the first N queries of each set")
+    h.add_argument("--max-queries", type=int, default=None, help="score N queries of each set (a fixed-seed sample, the same every run)")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of a base:CONFIG (e.g. model.pooling=mean)")
+    h.add_argument("--gcide-queries", type=int, default=300, help="GCIDE words to retrieve definitions for")
+    h.add_argument("--gcide-docs", type=int, default=1000, help="GCIDE definitions searched (queries' own + "
+                                                                "distractors)")
+    h.add_argument("--sts-pairs", type=int, default=300, help="GCIDE sense pairs scored")
     h.add_argument("--small", action="store_true", help="smaller held-out sets (100 GCIDE words, 300 docs, "
                                                         "100 pairs) for quick comparisons")
     h.set_defaults(func=run_heldout)
@@ -231,7 +235,11 @@ def run_heldout(args) -> int:
     from embforge.eval.report import evaluate_model
 
     t0 = time.perf_counter()
-    sizes = dict(gcide_queries=100, gcide_docs=300, sts_pairs=100) if args.small else {}
+    sizes = dict(gcide_queries=100, gcide_docs=300, sts_pairs=100) if args.small else dict(
+        gcide_queries=args.gcide_queries, gcide_docs=args.gcide_docs, sts_pairs=args.sts_pairs)
+    if sizes["gcide_docs"] < sizes["gcide_queries"] or min(sizes.values()) < 1:
+        raise ValueError(f"--gcide-docs ({sizes['gcide_docs']}) must be >= --gcide-queries "
+                         f"({sizes['gcide_queries']}) and every size >= 1")
     res = evaluate_model(load_heldout_model(args.model, args.set), plain=args.model == "minilm",
                          max_queries=args.max_queries, **sizes)
     res["model"], res["seconds"] = args.model, round(time.perf_counter() - t0, 1)

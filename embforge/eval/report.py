@@ -36,6 +36,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def sample_queries(qrels: dict, n: int) -> list[str]:
+    """`n` query ids drawn with a fixed seed (the same every run), sorted: the first ids in order would be the
+    first topics only (chatterbot's ids follow its files)."""
+    import random
+    return sorted(random.Random(0).sample(sorted(qrels), min(n, len(qrels))))
+
+
 def evaluate_model(encoder, *, plain: bool, max_queries: int | None = None, gcide_queries: int = 300,
                    gcide_docs: int = 1000, sts_pairs: int = 300) -> dict:
     """{set: {metric: value, "seconds": s}}. `plain`: no instructions (for models not trained with them)."""
@@ -54,7 +61,7 @@ def evaluate_model(encoder, *, plain: bool, max_queries: int | None = None, gcid
         print(f"[heldout] skipping the fortunes set: {e}", file=sys.stderr)
     for name, ds, inst in sets:
         if max_queries:
-            keep = sorted(ds.qrels)[:max_queries]
+            keep = sample_queries(ds.qrels, max_queries)
             ds = dataclasses.replace(ds, qrels={q: ds.qrels[q] for q in keep})
         if plain:
             ds, inst = dataclasses.replace(ds, instructions={}), None
@@ -148,6 +155,22 @@ def _per_dataset(steps: list[dict]) -> list[str]:
                                                           for name, v in seen.items()) + ".", ""]
 
 
+def _sizes(run: Path) -> list[str]:
+    """What the side-by-side scored: the sets' sizes as the first eval file recorded them."""
+    files = sorted(run.glob("eval_*.json"))
+    if not files:
+        return []
+    res = json.loads(files[0].read_text())
+    parts = []
+    for key, _title, _metric in SETS:
+        r = res.get(key, {})
+        if "num_pairs" in r:
+            parts.append(f"{key} {r['num_pairs']} pairs")
+        elif "num_queries" in r:
+            parts.append(f"{key} {r['num_queries']} queries / {r.get('num_docs')} documents")
+    return ["", "Set sizes: " + ", ".join(parts) + "."] if parts else []
+
+
 def report(run_dir: str | Path) -> str:
     import os
 
@@ -164,7 +187,8 @@ def report(run_dir: str | Path) -> str:
     lines = [
         f"# CPU demo ({datetime.now(timezone.utc):%Y-%m-%d})",
         "",
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, Python "
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}, Python "
         f"{platform.python_version()}; commit {git_commit()}.",
         "",
         "| stage | seconds |", "|---|---:|",
@@ -182,6 +206,7 @@ def report(run_dir: str | Path) -> str:
         "Held-out evaluation (none of these sets is trained on), side by side:",
         "",
         *_side_by_side(run),
+        *_sizes(run),
         *_synth_section(run),
     ]
     return "\n".join(lines) + "\n"
