@@ -35,18 +35,20 @@ def run_training(cfg, *, resume: bool = False, overwrite: bool = False, progress
     """`embforge train` as a function: the TrainConfig's datasets (embforge/data: the multi-dataset sampler) as the
     batch source, retrieval on cfg.eval.data (embforge/eval) as the evaluation hook, then engine.train.train.
     Returns train's result. An output_dir that holds a run needs resume (continue) or overwrite (start over)."""
+    from embforge.engine.distributed import run_mode
     from embforge.engine.rundir import check_output_dir
     from embforge.engine.train import train
 
+    resume, overwrite = run_mode(resume, overwrite)   # a worker torchrun restarted resumes (train() applies it too)
     check_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)   # read only; train() removes on overwrite
     batches = check_inputs(cfg)
     evaluate = None
     if cfg.eval.data:
         from embforge.eval.training import evaluate as evaluate_retrieval
 
-        def evaluate(embedder, step: int) -> dict:
+        def evaluate(embedder, step: int, record: bool = True) -> dict:
             return evaluate_retrieval(embedder, cfg.eval.data, cfg.output_dir, step, instruction=cfg.eval.instruction,
-                                      max_queries=cfg.eval.max_queries)
+                                      max_queries=cfg.eval.max_queries, record=record)
     return train(cfg, batches, evaluate=evaluate, resume=resume, overwrite=overwrite, progress=progress,
                  stop_after=stop_after)
 
@@ -80,6 +82,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes of this node: runs `torchrun --standalone --nproc_per_node=N -m "
                         "embforge train ...` (several nodes: call torchrun yourself, see docs/distributed.md)")
+    t.add_argument("--max-restarts", type=int, default=None, metavar="K",
+                   help="with --nproc: torchrun restarts all workers up to K times after one fails; each restart "
+                        "resumes from the latest checkpoint in output_dir (set checkpoint_every)")
     t.set_defaults(func=cmd_train)
 
     e = subparsers.add_parser("encode", help="embed texts with a trained model")
@@ -122,6 +127,9 @@ def cmd_train(args) -> int:
     overrides = list(args.set) + (["data.skip_bad_lines=true"] if args.skip_bad_lines else [])
     try:
         cfg = load_config(TrainConfig, args.config, overrides)
+        if args.max_restarts is not None and (args.nproc is None or args.max_restarts < 0):
+            raise ValueError("--max-restarts needs --nproc N and a count >= 0 (under torchrun give torchrun "
+                             "--max-restarts instead)")
         if args.nproc is not None:
             if args.nproc < 1:
                 raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
@@ -150,6 +158,7 @@ def _run_torchrun(args) -> int:
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           *([f"--max-restarts={args.max_restarts}"] if args.max_restarts is not None else []),
            "-m", "embforge", "train", "--config", args.config]
     for item in args.set:
         cmd += ["--set", item]

@@ -23,6 +23,11 @@ class ExampleBatches:
         return self.sampler.datasets
 
     @property
+    def files(self) -> list:
+        """Every training file, in dataset order (the checked launch compares each rank's copies)."""
+        return [path for d in self.datasets for path in d.data.paths]
+
+    @property
     def scored(self) -> int:
         """Training records carrying teacher scores (what loss.distill_weight distils from)."""
         return sum(d.data.scored for d in self.datasets)

@@ -51,6 +51,18 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def elastic_restart() -> int:
+    """How many times torchrun has restarted this worker group (`--max-restarts`): 0 on the first launch."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def run_mode(resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """(resume, overwrite) as this process should apply them: a worker torchrun restarted after a failure resumes
+    from the latest checkpoint of its output_dir (no human step), and never starts over, even when the first
+    launch said --overwrite (that would delete the run it is restarting)."""
+    return (True, False) if elastic_restart() > 0 else (resume, overwrite)
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s dropout generators (rank 0 of any world size, and one process, use `seed`)."""
     return (seed + 1_000_003 * rank) % (2**63)
@@ -197,16 +209,10 @@ def check_launch(cfg, world_size: int):
             refused.append("model.lora=null (full fine-tuning is not implemented by embforge train)")
         if cfg.optim.optimizer != "adamw":
             refused.append(f"optim.optimizer={cfg.optim.optimizer} (only adamw runs on sharded parameters)")
-        if cfg.eval.data:
-            refused.append("eval.data (evaluation runs on rank 0 alone, which does not hold the sharded model; "
-                           "evaluate the saved adapter instead)")
         if cfg.loss.learnable_temperature:
             refused.append("loss.learnable_temperature (a plain parameter beside sharded ones in one clip/optimizer)")
         if cfg.batch.chunk_tokens == "auto":
             refused.append("batch.chunk_tokens=auto (the probe needs the whole model on one device; give a number)")
-        if cfg.checkpoint_every:
-            refused.append("checkpoint_every>0 (resumable checkpoints of sharded optimizer state are not "
-                           "implemented; set checkpoint_every: 0 - the final adapter is still saved)")
         if refused:
             raise ValueError("distributed.strategy=fsdp does not support: " + "; ".join(refused))
 

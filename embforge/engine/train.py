@@ -11,8 +11,8 @@ embforge/cli/train.py `run_training` wires the JSONL reader (embforge/data) and 
 (embforge/eval) in, so this module knows neither.
 
 Checkpoints (every N steps, and on SIGINT/SIGTERM) hold the adapter, optimizer, scheduler, every RNG state, the data
-position and the config, written atomically, so `--resume` continues with exactly the loss curve of an
-uninterrupted run.
+position and the config, written atomically (FSDP2: sharded, by every rank: engine/checkpoint.py), so `--resume`
+continues with exactly the loss curve of an uninterrupted run; a worker torchrun restarts resumes by itself.
 
 Under torchrun (docs/distributed.md) every rank reads the same global batch at the same position and takes its
 slice (batch.shard_batch), so the data order does not depend on the world size. Rank 0's work (progress bar,
@@ -37,11 +37,15 @@ from embforge.common import append_jsonl, atomic_write_text
 from embforge.config import ConfigError
 from embforge.engine.batch import ContrastiveBatch, shard_batch
 from embforge.engine.checks import check_train_values
-from embforge.engine.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_states, save_checkpoint
-from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, full_tensor, init_distributed,
-                                         rank_seed, sum_grads, wrap)
+from embforge.engine.checkpoint import (latest_checkpoint, load_checkpoint, new_checkpoint_dir, publish_checkpoint,
+                                       remove_unpublished, restore_rng, rng_states, save_checkpoint, save_shards,
+                                       save_sharded_trainer_state)
+from embforge.engine.distributed import (Dist, DistributedConfig, check_launch, elastic_restart, full_tensor,
+                                         init_distributed, rank_seed, run_mode, sum_grads, wrap)
 from embforge.engine.gradcache import StepResult, auto_chunk_tokens, contrastive_step
+from embforge.engine.launch import check_same_launch, launch_fingerprint
 from embforge.engine.model import Embedder, ModelConfig
+from embforge.engine.rank_encoder import RankShardedEncoder
 from embforge.engine.rundir import prepare_output_dir, trim_steps
 from embforge.engine.temperature import Temperature
 from embforge.engine.tracking import LogConfig, Tracker
@@ -203,11 +207,14 @@ class BatchSource(Protocol):
 
     notes: list[str]      # lines for the log (bad lines skipped, ...): rank 0 prints and every rank empties it,
                           # before training and after each batch
+    files: list           # optional: the files it reads (each rank's copy is compared with rank 0's at launch)
 
     def __call__(self, position): ...
 
 
-Evaluate = Callable[[Embedder, int], dict]   # (embedder, step) -> metrics; run by rank 0 alone
+# (encoder, step, record) -> metrics. Run by every rank under torchrun, each encoding its share (the encoder is a
+# RankShardedEncoder, engine/rank_encoder.py); `record` is True on rank 0 alone (it writes eval.jsonl and logs).
+Evaluate = Callable[..., dict]
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -356,7 +363,9 @@ class Reporter:
 
     @staticmethod
     def for_rank(dist_: Dist, out: Path, *, progress: bool, evaluate: Evaluate | None, **tracking) -> "Reporter":
-        return Reporter(out, progress=progress, evaluate=evaluate, **tracking) if dist_.is_main else SilentReporter()
+        if dist_.is_main:
+            return Reporter(out, progress=progress, evaluate=evaluate, **tracking)
+        return SilentReporter(evaluate)
 
     def _track(self) -> Tracker | None:
         """The tracker, opened on first use: by then `start_step` is known (an evaluation before training only
@@ -369,7 +378,9 @@ class Reporter:
         print(msg, file=sys.stderr)
 
     def resume_at(self, step: int):
-        """Logs hold this run up to `step` only: what a crash after the last checkpoint wrote is redone."""
+        """Logs hold this run up to `step` only: what a crash after the last checkpoint wrote is redone; a
+        checkpoint a crash left half-written goes."""
+        remove_unpublished(self.out)
         for log in (self.metrics_path, self.metrics_path.with_name("eval.jsonl")):
             trim_steps(log, step)
 
@@ -395,7 +406,7 @@ class Reporter:
                                  chunks=rec["chunks"], mem=f"{rec['peak_gb']:.1f}G", **extra)
 
     def evaluate(self, embedder: Embedder, step: int) -> dict | None:
-        metrics = self.evaluate_fn(embedder, step)
+        metrics = self.evaluate_fn(embedder, step, record=True)
         embedder.model.train()
         if self._track():
             self.tracker.log_eval(step, self.eval_name or "eval", metrics)
@@ -403,6 +414,14 @@ class Reporter:
 
     def save_checkpoint(self, run: Run, step: int, state: dict):
         save_checkpoint(run.out, step, run.embedder, run.optimizer, run.scheduler, run.temperature.log_tau, state)
+
+    def new_checkpoint_dir(self, run: Run) -> Path:
+        """The temp folder every rank writes its shards into (rank 0 makes it; train() broadcasts its name)."""
+        return new_checkpoint_dir(run.out)
+
+    def publish_sharded_checkpoint(self, run: Run, tmp: Path, step: int, state: dict):
+        save_sharded_trainer_state(tmp, run.scheduler, run.temperature.log_tau, state)
+        publish_checkpoint(tmp, run.out, step)
 
     def save_model(self, embedder: Embedder, path: Path, adapter_state_dict: dict | None):
         embedder.save_pretrained(path, adapter_state_dict=adapter_state_dict)
@@ -420,17 +439,22 @@ def format_per_dataset(per_dataset: dict) -> str:
 
 
 class SilentReporter(Reporter):
-    """Every other rank: nothing to say, nothing to write; they wait for rank 0 in the next collective."""
+    """Every other rank: nothing to say, nothing to write; it evaluates with rank 0 (its share of the encoding)
+    without recording, and otherwise waits for rank 0 in the next collective."""
 
-    def __init__(self):
+    def __init__(self, evaluate: Evaluate | None = None):
         self.bar = self.tracker = None
+        self.evaluate_fn = evaluate
 
     def log(self, msg): pass
     def resume_at(self, step): pass
     def start(self, initial, total): pass
     def step(self, rec, per_dataset=None): pass
-    def evaluate(self, embedder, step): return None
+    def evaluate(self, embedder, step):
+        return None if self.evaluate_fn is None else self.evaluate_fn(embedder, step, record=False)
     def save_checkpoint(self, run, step, state): pass
+    def new_checkpoint_dir(self, run): return None
+    def publish_sharded_checkpoint(self, run, tmp, step, state): pass
     def save_model(self, embedder, path, adapter_state_dict): pass
 
 
@@ -462,10 +486,18 @@ def log_notes(batches: BatchSource, reporter: Reporter):
 
 def checkpoint(run: Run, progress: Progress, reporter: Reporter, step: int):
     rng = run.dist.gather_objects(rng_states())      # every rank's generators (a collective: all ranks call)
-    reporter.save_checkpoint(run, step, {
-        "step": step, "position": progress.position, "losses": progress.losses, "datasets": progress.datasets,
-        "rng": rng[0], "rng_ranks": rng,
-        "world_size": run.dist.world_size, "evals": progress.evals, "config": dataclasses.asdict(run.cfg)})
+    state = {"step": step, "position": progress.position, "losses": progress.losses, "datasets": progress.datasets,
+             "rng": rng[0], "rng_ranks": rng, "world_size": run.dist.world_size, "evals": progress.evals,
+             "config": dataclasses.asdict(run.cfg), "strategy": run.cfg.distributed.strategy if run.dist.active
+             else "single"}
+    if run.fsdp:
+        # Sharded: every rank writes its shards (torch.distributed.checkpoint, a collective) into the temp folder
+        # rank 0 made, then rank 0 adds trainer.pt and publishes the folder with one rename.
+        tmp = run.dist.broadcast_object(reporter.new_checkpoint_dir(run))
+        save_shards(tmp, run.embedder.model, run.optimizer)
+        reporter.publish_sharded_checkpoint(run, tmp, step, state)
+    else:
+        reporter.save_checkpoint(run, step, state)
     run.dist.barrier()                               # nobody runs ahead of a checkpoint still being written
 
 
@@ -485,23 +517,26 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
     (+ "embedder" when finished, "stopped_at" when interrupted). `stop_after` simulates an interruption (tests).
     An output_dir holding a run needs `resume` (continue it) or `overwrite` (start over; engine/rundir.py).
     Under torchrun this runs on every rank (see distributed.py); one process otherwise."""
+    resume, overwrite = run_mode(resume, overwrite)
     dist_, device = init_distributed(cfg.distributed, cfg.device)
     if dist_.active:
         check_launch(cfg, dist_.world_size)      # before any model loads (one process: nothing to refuse)
-    if dist_.active and cfg.distributed.strategy == "fsdp" and resume:
-        raise ValueError("--resume with distributed.strategy=fsdp is not supported (no resumable sharded "
-                         "checkpoints); use strategy ddp")
+        check_same_launch(dist_, launch_fingerprint(cfg, getattr(batches, "files", ())))
     prepare_output_dir(cfg.output_dir, dist_, resume=resume, overwrite=overwrite)
     run = setup(cfg, dist_, device)
     reporter = Reporter.for_rank(dist_, run.out, progress=progress, evaluate=evaluate, log=cfg.log,
                                  config=dataclasses.asdict(cfg), eval_name=cfg.eval.data)
+    if elastic_restart():
+        reporter.log(f"[train] torchrun restart {elastic_restart()}: resuming from the latest checkpoint")
     log_notes(batches, reporter)
     state = resume_from_checkpoint(run, reporter) if resume else Progress()
     reporter.resume_at(state.step)
+    # Under torchrun every rank evaluates, each encoding its share; one process evaluates with the embedder itself.
+    eval_encoder = RankShardedEncoder(run.embedder, run.step_embedder, dist_) if dist_.active else run.embedder
 
     def maybe_evaluate(key: str, step: int):
         if evaluate is not None:
-            metrics = reporter.evaluate(run.embedder, step)
+            metrics = reporter.evaluate(eval_encoder, step)
             if metrics is not None:
                 state.evals[key] = metrics
 
@@ -522,14 +557,13 @@ def train(cfg: TrainConfig, batches: BatchSource, *, evaluate: Evaluate | None =
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < cfg.steps:
                     maybe_evaluate(f"step{done}", done)
                 interrupted = stop.flag or (stop_after is not None and done == stop_after)
-                if not run.fsdp and (interrupted or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+                if interrupted or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                     checkpoint(run, state, reporter, done)
                 if interrupted:
                     return {"losses": state.losses, "eval": state.evals, "datasets": state.per_dataset(),
                             "stopped_at": done, "main": dist_.is_main}
         maybe_evaluate("after", cfg.steps)
-        if not run.fsdp:
-            checkpoint(run, state, reporter, cfg.steps)
+        checkpoint(run, state, reporter, cfg.steps)
         save_final(run, reporter)
         per_dataset = state.per_dataset()
         if per_dataset:

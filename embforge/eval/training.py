@@ -11,10 +11,11 @@ from embforge.common import append_jsonl
 
 
 def evaluate(embedder, data: str, out_dir: str | Path, step: int, *, instruction: str | None = None,
-             max_queries: int | None = None) -> dict:
-    """Retrieval metrics of `embedder` on `data` ("chatterbot" or a BEIR folder); also appended to
+             max_queries: int | None = None, record: bool = True) -> dict:
+    """Retrieval metrics of `embedder` on `data` ("chatterbot" or a BEIR folder); with `record` also appended to
     out_dir/eval.jsonl as result records (model, data, metric, value, commit, step), so a run's whole before /
-    every-N / after history stays on disk."""
+    every-N / after history stays on disk. Under torchrun every rank calls this with its RankShardedEncoder (each
+    encodes its share) and only rank 0 records."""
     from embforge.eval.beir import load_beir
     from embforge.eval.datasets import CHATTERBOT_INSTRUCTION, chatterbot_beir
     from embforge.eval.results import make_records
@@ -22,7 +23,7 @@ def evaluate(embedder, data: str, out_dir: str | Path, step: int, *, instruction
 
     out_dir = Path(out_dir)
     if data == "chatterbot":
-        ds = chatterbot_beir(out_dir / "eval_chatterbot")
+        ds = chatterbot_beir(out_dir / "eval_chatterbot" if record else None)
         instruction = instruction or CHATTERBOT_INSTRUCTION
     else:
         ds = load_beir(data)
@@ -32,6 +33,8 @@ def evaluate(embedder, data: str, out_dir: str | Path, step: int, *, instruction
     t0 = time.perf_counter()
     metrics = evaluate_retrieval(embedder, ds, instruction=instruction, progress=False)  # encode restores mode
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not record:
+        return metrics
     append_jsonl(out_dir / "eval.jsonl", *make_records(str(out_dir), data, metrics, step=step,
                                                         instruction=instruction))
     print(f"[train] eval at step {step}: nDCG@10 {metrics.get('ndcg_at_10', float('nan')):.4f} "
