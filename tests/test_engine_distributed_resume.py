@@ -142,6 +142,7 @@ def test_killed_rank_under_max_restarts_resumes_by_itself(tmp_path):
     assert proc.wait(timeout=600) == 0, log[-3000:]
     assert "--max-restarts=1" in log and "torchrun restart 1: resuming from the latest checkpoint" in log
     assert "resumed from" in log and log.count('"final_loss"') == 1
+    assert "shared rendezvous store" not in log     # the restart got a store of its own (pytorch/pytorch#135712)
     assert_close(adapter(elastic), adapter(full), rtol=1e-6)
     lf = {m["step"]: m["loss"] for m in metrics(full)}
     le = {m["step"]: m["loss"] for m in metrics(elastic)}
@@ -153,3 +154,18 @@ def test_max_restarts_needs_nproc(tmp_path):
                         str(write_config(tmp_path, tmp_path / "x", steps=1, dropout=0.0))], env=env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--max-restarts needs --nproc" in r.stderr
+
+
+def test_restarts_with_torchruns_shared_store_are_detected(monkeypatch):
+    """Under plain torchrun --max-restarts the workers share the agent's store, whose keys outlive a restart: the
+    case init_distributed warns about and `embforge train --nproc --max-restarts` avoids."""
+    from embforge.engine.distributed import restarts_share_a_store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    assert restarts_share_a_store()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert not restarts_share_a_store()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert not restarts_share_a_store()

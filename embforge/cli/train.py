@@ -155,7 +155,10 @@ def cmd_train(args) -> int:
 
 def _run_torchrun(args) -> int:
     """torchrun on this node; its exit status is ours (non-zero when any rank failed)."""
+    import os
     import subprocess
+
+    from embforge.engine.distributed import SEPARATE_STORE_ENV
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            *([f"--max-restarts={args.max_restarts}"] if args.max_restarts is not None else []),
@@ -163,8 +166,14 @@ def _run_torchrun(args) -> int:
     for item in args.set:
         cmd += ["--set", item]
     cmd += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite + ["--skip-bad-lines"] * args.skip_bad_lines
+    env = dict(os.environ)
+    if args.max_restarts:
+        # torchrun shares its rendezvous TCPStore with the workers and does not separate one restart's keys from the
+        # last: a restarted rank can read a dead peer's address and fail to connect (pytorch/pytorch#135712). One
+        # store per restart, hosted by rank 0, avoids that.
+        env.setdefault(SEPARATE_STORE_ENV, "1")
     print(f"embforge train: {' '.join(cmd[2:])}", file=sys.stderr)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 def _leave_process_group():

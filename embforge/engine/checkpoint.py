@@ -137,7 +137,7 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 def load_checkpoint(path, embedder, optimizer, scheduler, log_tau) -> dict:
     path = Path(path)
-    sharded_params = any(hasattr(p, "full_tensor") for p in embedder.trainable_parameters())
+    sharded_params = any(hasattr(p, "full_tensor") for p in embedder.model.parameters())  # FSDP2 DTensors
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if is_sharded(path):
         load_shards(path, embedder.model, optimizer)

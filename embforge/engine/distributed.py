@@ -30,6 +30,9 @@ import torch
 import torch.distributed as dist
 
 STRATEGIES = ("ddp", "fsdp")
+# torchrun's opt-out of sharing its rendezvous store with the workers: a shared store keeps the last restart's keys
+# (pytorch/pytorch#135712), so restarted ranks can read a dead peer's address
+SEPARATE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 @dataclass
@@ -188,7 +191,18 @@ def init_distributed(cfg: DistributedConfig, device: str | None) -> tuple[Dist, 
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
-    return Dist(rank, ws, local, active=True), dev
+    d = Dist(rank, ws, local, active=True)
+    if d.is_main and restarts_share_a_store():
+        print(f"[embforge] torchrun --max-restarts with its shared rendezvous store: a restart can fail to connect "
+              f"(pytorch/pytorch#135712); export {SEPARATE_STORE_ENV}=1 before torchrun (embforge train --nproc "
+              f"--max-restarts does)", file=sys.stderr)
+    return d, dev
+
+
+def restarts_share_a_store() -> bool:
+    """True when torchrun may restart these workers and shares its rendezvous store with them."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
 
 
 def check_launch(cfg, world_size: int):
