@@ -95,3 +95,37 @@ def test_fsdp_training_evaluates_on_every_rank_and_records_once(tmp_path):
     assert [s for s, _ in ndcg] == [0, 2] and log.count("[train] eval at step") == 2     # one voice
     want = evaluate_retrieval(_embedder(), dataset(), progress=False)
     assert ndcg[0][1] == pytest.approx(want["ndcg_at_10"], abs=1e-6)
+
+
+def _slow_worker(rank, world_size, port, out_dir):
+    """Encoding sleeps 0.6 s a text, so one evaluation lasts several times the collective timeout on each rank
+    (the shares differ by fewer texts than there are ranks, so no collective waits long)."""
+    import time
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from embforge.engine.distributed import init_distributed, wrap
+    from embforge.engine.rank_encoder import RankShardedEncoder
+    dist_, _ = init_distributed(DistributedConfig(timeout_s=3), "cpu")
+    emb = _embedder()
+    real_encode = emb.encode
+    emb.encode = lambda texts, **kw: (time.sleep(0.6 * len(texts)), real_encode(texts, **kw))[1]
+    encoder = RankShardedEncoder(emb, wrap(emb, dist_, "ddp"), dist_)
+    t0 = time.perf_counter()
+    metrics = evaluate(encoder)
+    seconds = time.perf_counter() - t0
+    dist_.barrier()                     # the next collective after the evaluation
+    torch.save({"metrics": metrics, "seconds": seconds}, Path(out_dir) / f"slow-rank{rank}.pt")
+    dist_.shutdown()
+
+
+@pytest.mark.slow
+def test_an_evaluation_longer_than_the_collective_timeout_does_not_trip_it(tmp_path):
+    """distributed.timeout_s=3 and an evaluation that takes several times that on every rank: it completes, because
+    no rank waits in a collective while another encodes alone (with rank 0 evaluating alone, rank 1 would sit in
+    the next collective for the whole evaluation and time out)."""
+    mp.spawn(_slow_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"slow-rank{r}.pt") for r in (0, 1)]
+    want = evaluate(_embedder())
+    for g in got:
+        assert g["seconds"] > 2 * 3                      # the evaluation outlasted the timeout twice over
+        assert g["metrics"]["ndcg_at_10"] == pytest.approx(want["ndcg_at_10"], abs=1e-6)
