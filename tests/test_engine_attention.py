@@ -71,6 +71,11 @@ def test_training_step_save_load_and_merged_export_keep_bidirectional(tmp_path):
     loaded = Embedder.from_pretrained(tmp_path / "final", "cpu")
     assert attention_mode(loaded.model) == "bidirectional"
     torch.testing.assert_close(loaded.encode(["check this text", "and another one"]), want, atol=1e-5, rtol=1e-4)
+    from embforge.cli.eval import load_heldout_model    # evaluation folds the adapter in: same embeddings
+    for_eval = load_heldout_model(str(tmp_path / "final"))
+    fp32 = all(p.dtype == torch.float32 for p in loaded.model.parameters())    # dtype auto: bf16 stays unmerged
+    assert hasattr(for_eval.model, "peft_config") != fp32 and attention_mode(for_eval.model) == "bidirectional"
+    torch.testing.assert_close(for_eval.encode(["check this text", "and another one"]), want, atol=1e-5, rtol=1e-4)
 
     written = export(tmp_path / "final", tmp_path / "out", merge=True, sentence_transformers=True,
                      instruction="find it")

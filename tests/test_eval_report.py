@@ -1,4 +1,5 @@
 """The demo summary reads its numbers from the run's files; `embforge eval report` / `heldout` are its commands."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -127,3 +128,38 @@ def test_heldout_sizes_and_query_sample(tmp_path, capsys):
     assert main(["eval", "heldout", "--model", "hashing", "--out", str(out), "--gcide-queries", "50",
                  "--gcide-docs", "20"]) == 2
     assert "--gcide-docs" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/usr/share/dictd/gcide.index").exists(), reason="dict-gcide not installed")
+def test_heldout_scores_only_the_named_sets(tmp_path, capsys):
+    """--sets: the demo scores each untrained base configuration only where it measured strongest; the report
+    takes each set's best over the files that have it."""
+    from embforge.cli import main
+    from embforge.eval.report import strongest_base
+
+    out = tmp_path / "eval_base_causal.json"
+    assert main(["eval", "heldout", "--model", "hashing", "--out", str(out), "--sets", "gcide_sts,gcide",
+                 "--gcide-queries", "20", "--gcide-docs", "60", "--sts-pairs", "20"]) == 0
+    got = json.loads(out.read_text())
+    assert sorted(k for k, v in got.items() if isinstance(v, dict)) == ["gcide", "gcide_sts"]
+    (tmp_path / "eval_base.json").write_text(json.dumps({"chatterbot": {"ndcg_at_10": 0.1},
+                                                         "gcide": {"ndcg_at_10": 2.0}}))
+    best, which = strongest_base(tmp_path)
+    assert which == {"chatterbot": "base", "gcide": "base", "gcide_sts": "base_causal"}
+    assert best["gcide_sts"]["spearman"] == got["gcide_sts"]["spearman"]
+    assert main(["eval", "heldout", "--model", "hashing", "--out", str(out), "--sets", "gcide,stsb"]) == 2
+    assert "unknown held-out set(s) stsb" in capsys.readouterr().err
+
+
+def test_chatterbot_docs_keeps_every_judged_answer_and_samples_the_rest():
+    from embforge.eval.datasets import chatterbot_beir
+    from embforge.eval.report import sample_corpus, sample_queries
+
+    ds = chatterbot_beir()
+    keep = sample_queries(ds.qrels, 40)
+    ds = dataclasses.replace(ds, qrels={q: ds.qrels[q] for q in keep})
+    small = sample_corpus(ds, 100)
+    relevant = {d for rel in ds.qrels.values() for d in rel}
+    assert len(small.corpus) == 100 and relevant <= set(small.corpus) and len(relevant) < 100
+    assert small.corpus == sample_corpus(ds, 100).corpus           # the same sample every run
+    assert set(sample_corpus(ds, 10).corpus) == relevant             # never drops a judged answer

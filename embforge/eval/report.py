@@ -43,37 +43,61 @@ def sample_queries(qrels: dict, n: int) -> list[str]:
     return sorted(random.Random(0).sample(sorted(qrels), min(n, len(qrels))))
 
 
+def sample_corpus(ds, n: int):
+    """`ds` searching `n` documents: every judged query's relevant ones plus a fixed-seed sample of the others as
+    distractors (the same every run)."""
+    import random
+    relevant = {d for rel in ds.qrels.values() for d in rel}
+    others = sorted(set(ds.corpus) - relevant)
+    keep = relevant | set(random.Random(0).sample(others, max(0, min(n - len(relevant), len(others)))))
+    return dataclasses.replace(ds, corpus={d: t for d, t in ds.corpus.items() if d in keep})
+
+
 def evaluate_model(encoder, *, plain: bool, max_queries: int | None = None, gcide_queries: int = 300,
-                   gcide_docs: int = 1000, sts_pairs: int = 300) -> dict:
-    """{set: {metric: value, "seconds": s}}. `plain`: no instructions (for models not trained with them)."""
+                   gcide_docs: int = 1000, sts_pairs: int = 300, chatterbot_docs: int | None = None,
+                   only: list[str] | None = None) -> dict:
+    """{set: {metric: value, "seconds": s}}. `plain`: no instructions (for models not trained with them).
+    `chatterbot_docs`: search that many of chatterbot's answers (the judged queries' own + distractors), all when
+    None. `only`: the names (SETS' keys) of the sets to score; all when None."""
     from embforge.eval.datasets import (CHATTERBOT_INSTRUCTION, chatterbot_beir, fortunes_beir, gcide_beir,
                                         gcide_sts)
     from embforge.eval.retrieval import evaluate_retrieval
     from embforge.eval.sts import evaluate_sts
 
+    names = [key for key, _title, _metric in SETS]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"unknown held-out set(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    wanted = set(only or names)
     out = {}
-    chat = chatterbot_beir()
-    gc = gcide_beir(n_queries=gcide_queries, n_distractors=gcide_docs - gcide_queries)
-    sets = [("chatterbot", chat, CHATTERBOT_INSTRUCTION), ("gcide", gc, None)]
-    try:
-        sets.append(("fortunes", fortunes_beir(), None))
-    except FileNotFoundError as e:   # the Debian package is installed best effort (scripts/setup.sh)
-        print(f"[heldout] skipping the fortunes set: {e}", file=sys.stderr)
+    sets = []
+    if "chatterbot" in wanted:
+        sets.append(("chatterbot", chatterbot_beir(), CHATTERBOT_INSTRUCTION))
+    if "gcide" in wanted:
+        sets.append(("gcide", gcide_beir(n_queries=gcide_queries, n_distractors=gcide_docs - gcide_queries), None))
+    if "fortunes" in wanted:
+        try:
+            sets.append(("fortunes", fortunes_beir(), None))
+        except FileNotFoundError as e:   # the Debian package is installed best effort (scripts/setup.sh)
+            print(f"[heldout] skipping the fortunes set: {e}", file=sys.stderr)
     for name, ds, inst in sets:
         if max_queries:
             keep = sample_queries(ds.qrels, max_queries)
             ds = dataclasses.replace(ds, qrels={q: ds.qrels[q] for q in keep})
+        if name == "chatterbot" and chatterbot_docs:
+            ds = sample_corpus(ds, chatterbot_docs)
         if plain:
             ds, inst = dataclasses.replace(ds, instructions={}), None
         t0 = time.perf_counter()
         m = evaluate_retrieval(encoder, ds, instruction=inst, progress=False)
         out[name] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         out[name]["seconds"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    # E5 applies the STS instruction to both sides; MiniLM gets the bare definitions.
-    sts = evaluate_sts(encoder, gcide_sts(n_pairs=sts_pairs),
-                       instruction=None if plain else "Retrieve semantically similar text")
-    out["gcide_sts"] = {**sts, "seconds": round(time.perf_counter() - t0, 1)}
+    if "gcide_sts" in wanted:
+        t0 = time.perf_counter()
+        # E5 applies the STS instruction to both sides; MiniLM gets the bare definitions.
+        sts = evaluate_sts(encoder, gcide_sts(n_pairs=sts_pairs),
+                           instruction=None if plain else "Retrieve semantically similar text")
+        out["gcide_sts"] = {**sts, "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
 
