@@ -1,0 +1,4 @@
+embforge train --config configs/cpu-demo.yaml --set 'data.train=[{path: runs/demo2/mined/debian.jsonl, name: debian}, {path: runs/demo2/mined/dictd.jsonl, name: dictd}, {path: runs/demo2/mined/man.jsonl, name: man}, {path: runs/demo2/mined/stdlib.jsonl, name: stdlib}, {path: runs/demo2/synth/synth.jsonl, name: synth}]' --set output_dir=runs/demo2/recipe/q20x20/seed0/train --set seed=0 --overwrite --set batch.queries=20
+embforge eval heldout --model runs/demo2/recipe/q20x20/seed0/train/final --out runs/demo2/recipe/q20x20/seed0/eval_trained.json --max-queries 200 --gcide-queries 150 --gcide-docs 400 --sts-pairs 150
+# chatterbot re-scored on the same adapter at the demo's size, merged into eval_trained.json (its "rescored" key keeps the 870-answer result):
+embforge eval heldout --model runs/demo2/recipe/q20x20/seed0/train/final --sets chatterbot --max-queries 200 --chatterbot-docs 400 --out /tmp/c_t.json
